@@ -1,0 +1,223 @@
+"""Federated benchmarks over the generated world: which clients exist and what data each holds.
+
+A benchmark is a list of client specs; `load_benchmark` generates (or reads from the cache) every
+client's train/val/test records deterministically from a seed, then tokenises them for a backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from feddat.data.pool import Records, generate, pixel_tensor, tokenize
+from feddat.data.questions import QTYPES
+from feddat.data.world import COLORS, SHAPES
+from feddat.errors import FedDATError
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    name: str
+    styles: tuple[str, ...]
+    qtype_weights: dict[str, float]
+    dialect: dict[str, str] = field(default_factory=dict)
+    prior_alpha: float = 2.0  # Dirichlet concentration of this client's colour and shape priors
+
+
+def _swap(a: str, b: str) -> dict[str, str]:
+    return {a: b, b: a}
+
+
+def domain_clients(shared_skill: bool = True, conflicting_shifts: bool = True) -> list[ClientSpec]:
+    """Five clients, one image domain each, with their own question mix and word meanings.
+
+    - shared skill: counting questions, absent from pretraining, asked by every client;
+    - conflicting shifts: each client's own word meanings (dialect) that contradict other clients'.
+    The two switches exist to ablate the benchmark itself.
+    """
+    count = 0.3 if shared_skill else 0.0
+    mixes = [
+        {"color": 0.2, "shape": 0.15, "exist": 0.2, "where": 0.1, "size": 0.05},
+        {"color": 0.1, "shape": 0.2, "exist": 0.15, "where": 0.1, "size": 0.15},
+        {"color": 0.15, "shape": 0.1, "exist": 0.25, "where": 0.15, "size": 0.05},
+        {"color": 0.1, "shape": 0.1, "exist": 0.2, "where": 0.2, "size": 0.1},
+        {"color": 0.15, "shape": 0.15, "exist": 0.15, "where": 0.05, "size": 0.2},
+    ]
+    dialects = [
+        _swap("red", "blue"),
+        _swap("red", "green"),
+        _swap("circle", "square"),
+        _swap("circle", "triangle"),
+        _swap("blue", "green"),
+    ]
+    names = ["clipart", "textured", "night", "sketch", "blurry"]
+    clients = []
+    for name, mix, dialect in zip(names, mixes, dialects):
+        weights = dict(mix)
+        weights["count"] = count
+        clients.append(ClientSpec(name=name, styles=(name,), qtype_weights=weights,
+                                  dialect=dialect if conflicting_shifts else {}))
+    return clients
+
+
+BENCHMARKS = {
+    "domain": lambda: domain_clients(),
+    "domain-noskill": lambda: domain_clients(shared_skill=False),
+    "domain-noshift": lambda: domain_clients(conflicting_shifts=False),
+}
+
+
+@dataclass
+class Split:
+    """One split of one client, as tensors ready for a backbone."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixels: torch.Tensor         # (n_images, 3, H, W), one per image
+    image_index: torch.Tensor    # (n,) which image each question is about
+    labels: torch.Tensor         # (n,) index into the client's answer list
+    qtypes: np.ndarray
+    questions: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor, device="cpu") -> dict:
+        return {
+            "input_ids": self.input_ids[idx].to(device),
+            "attention_mask": self.attention_mask[idx].to(device),
+            "pixel_values": self.pixels[self.image_index[idx]].to(device),
+            "labels": self.labels[idx].to(device),
+        }
+
+
+@dataclass
+class ClientData:
+    name: str
+    answers: list[str]
+    train: Split
+    val: Split
+    test: Split
+
+
+@dataclass(frozen=True)
+class Sizes:
+    train: int = 400
+    val: int = 200
+    test: int = 1000
+
+    def validate(self) -> None:
+        for k, v in asdict(self).items():
+            if not isinstance(v, int) or v <= 0:
+                raise FedDATError(f"{k}-per-client must be a positive integer, got {v!r}")
+
+
+def _client_records(spec: ClientSpec, seed: int, index: int, sizes: Sizes) -> dict[str, Records]:
+    rng = np.random.default_rng([seed, index])
+    color_p = rng.dirichlet(np.full(len(COLORS), spec.prior_alpha))
+    shape_p = rng.dirichlet(np.full(len(SHAPES), spec.prior_alpha))
+    qtypes = [q for q in QTYPES if spec.qtype_weights.get(q, 0) > 0]
+    w = np.asarray([spec.qtype_weights[q] for q in qtypes], dtype=float)
+    out = {}
+    for split in ("train", "val", "test"):
+        out[split] = generate(rng, getattr(sizes, split), list(spec.styles), qtypes, w / w.sum(),
+                              color_p=color_p, shape_p=shape_p, dialect=spec.dialect)
+    return out
+
+
+def _cache_key(benchmark: str, specs: list[ClientSpec], seed: int, sizes: Sizes) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "b": benchmark, "specs": [asdict(s) for s in specs], "seed": seed,
+                       "sizes": asdict(sizes)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _save_records(path: Path, recs: dict[str, Records]) -> None:
+    arrays = {}
+    meta = {}
+    for split, r in recs.items():
+        arrays[f"{split}_images"] = r.images
+        arrays[f"{split}_image_index"] = r.image_index
+        meta[split] = {"questions": r.questions, "answers": r.answers, "qtypes": r.qtypes}
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
+    tmp.replace(path)
+
+
+def _load_records(path: Path) -> dict[str, Records]:
+    try:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            out = {}
+            for split, m in meta.items():
+                images = z[f"{split}_images"]
+                empty = np.zeros((len(images), 16), dtype=np.int64)
+                out[split] = Records(images, empty, empty, z[f"{split}_image_index"], m["questions"], m["answers"],
+                                     m["qtypes"])
+            return out
+    except Exception as e:  # any damage to the file: say which file and how to fix it
+        raise FedDATError(f"benchmark cache file {path} is unreadable ({type(e).__name__}: {e}); delete it and it "
+                          "will be regenerated") from e
+
+
+def client_records(benchmark: str, seed: int, sizes: Sizes, cache_dir: Path | None = None) -> dict[str, dict]:
+    """Raw records of every client, {client: {split: Records}}, generated once per (spec, seed, sizes)."""
+    if benchmark not in BENCHMARKS:
+        raise FedDATError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+    sizes.validate()
+    specs = BENCHMARKS[benchmark]()
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"{benchmark}-{_cache_key(benchmark, specs, seed, sizes)}.npz"
+        if path.exists():
+            stored = _load_records(path)
+            return _split_by_client(stored, specs)
+    per_client = {s.name: _client_records(s, seed, i, sizes) for i, s in enumerate(specs)}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_records(path, _merge_clients(per_client))
+    return per_client
+
+
+def _merge_clients(per_client: dict[str, dict[str, Records]]) -> dict[str, Records]:
+    merged = {}
+    for client, splits in per_client.items():
+        for split, r in splits.items():
+            merged[f"{client}/{split}"] = r
+    return merged
+
+
+def _split_by_client(stored: dict[str, Records], specs: list[ClientSpec]) -> dict[str, dict]:
+    out = {s.name: {} for s in specs}
+    for key, r in stored.items():
+        client, split = key.split("/")
+        if client not in out:
+            raise FedDATError(f"benchmark cache names an unknown client {client!r}; delete the cache file")
+        out[client][split] = r
+    return out
+
+
+def _to_split(r: Records, tokenizer, text_len: int, lookup: dict[str, int]) -> Split:
+    ids, mask = tokenize(tokenizer, r.questions, text_len)
+    return Split(ids, mask, pixel_tensor(r.images), torch.as_tensor(r.image_index),
+                 torch.tensor([lookup.get(a, -1) for a in r.answers]), np.asarray(r.qtypes), list(r.questions))
+
+
+def load_benchmark(benchmark: str, seed: int, sizes: Sizes, tokenizer, text_len: int,
+                   cache_dir: Path | None = None) -> list[ClientData]:
+    """Every client's tokenised splits. A client's label space is the answers seen in its train split;
+    val/test questions with other answers keep label -1 and count as wrong."""
+    recs = client_records(benchmark, seed, sizes, cache_dir)
+    clients = []
+    for name, splits in recs.items():
+        answers = sorted(set(splits["train"].answers))
+        lookup = {a: i for i, a in enumerate(answers)}
+        clients.append(ClientData(name, answers, *(_to_split(splits[s], tokenizer, text_len, lookup)
+                                                   for s in ("train", "val", "test"))))
+    return clients

@@ -1,0 +1,69 @@
+"""Generate (image, question, answer) records in bulk: the pretraining pool and client datasets share this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from feddat.data.questions import ask
+from feddat.data.world import patch_labels, render, sample_scene
+
+
+@dataclass
+class Records:
+    """Images stored once; each question points at its image."""
+
+    images: np.ndarray          # (n_images, 48, 48, 3) uint8
+    patch_colors: np.ndarray    # (n_images, 16) int64, 0 = empty
+    patch_shapes: np.ndarray    # (n_images, 16) int64
+    image_index: np.ndarray     # (n_questions,) int64
+    questions: list[str]
+    answers: list[str]
+    qtypes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+
+def generate(rng: np.random.Generator, n_questions: int, styles: list[str], qtypes: list[str],
+             qtype_p: np.ndarray | None = None, questions_per_image: int = 1,
+             color_p=None, shape_p=None, dialect=None, palette=None) -> Records:
+    """`n_questions` records over fresh scenes; each image carries up to `questions_per_image` questions."""
+    images, pcol, pshp, index, qs, ans, types = [], [], [], [], [], [], []
+    while len(qs) < n_questions:
+        scene = sample_scene(rng, color_p=color_p, shape_p=shape_p)
+        style = styles[rng.integers(len(styles))]
+        added = 0
+        for _ in range(questions_per_image * 3):
+            if added == questions_per_image or len(qs) == n_questions:
+                break
+            qtype = qtypes[rng.choice(len(qtypes), p=qtype_p)]
+            qa = ask(scene, qtype, rng, dialect)
+            if qa is None:
+                continue
+            qs.append(qa[0])
+            ans.append(qa[1])
+            types.append(qtype)
+            index.append(len(images))
+            added += 1
+        if added:
+            images.append(render(scene, style, rng, palette))
+            c, s = patch_labels(scene)
+            pcol.append(c)
+            pshp.append(s)
+    return Records(np.stack(images), np.stack(pcol), np.stack(pshp), np.asarray(index, dtype=np.int64),
+                   qs, ans, types)
+
+
+def pixel_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1], ViLT's normalisation (mean 0.5, std 0.5)."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def tokenize(tokenizer, questions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tokenizer(questions, padding="max_length", truncation=True, max_length=max_length,
+                    return_tensors="pt", return_token_type_ids=False)
+    return enc["input_ids"], enc["attention_mask"]

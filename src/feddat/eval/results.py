@@ -1,0 +1,101 @@
+"""Results as data (results.json), and views of them: the terminal table and curves.png."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, float("nan")
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def item_se(per_item: list[list[float]]) -> float:
+    """Standard error of the mean-over-clients score from the test items (binomial/sample variance per client)."""
+    k = len(per_item)
+    var = 0.0
+    for s in per_item:
+        n = len(s)
+        m = sum(s) / n
+        var += sum((x - m) ** 2 for x in s) / max(n - 1, 1) / n
+    return math.sqrt(var) / k
+
+
+class History:
+    """Everything a run reports, filled round by round by whichever driver runs it."""
+
+    def __init__(self, config: dict[str, Any], clients: list[str], label_spaces: dict[str, list[str]]):
+        self.data: dict[str, Any] = {"config": config, "clients": clients, "label_spaces": label_spaces,
+                                     "rounds": [], "final": None, "wall_seconds": None}
+
+    def add_round(self, round_idx: int, train: dict[str, dict], scores: dict[str, float] | None,
+                  bytes_sent: dict[str, int], seconds: float, missing: list[str] | None = None) -> None:
+        entry = {"round": round_idx, "train": train, "bytes_sent": bytes_sent, "seconds": round(seconds, 3)}
+        if scores is not None:
+            entry["test"] = scores
+            entry["avg_score"] = sum(scores.values()) / len(scores)
+        if missing:
+            entry["missing_clients"] = missing
+        self.data["rounds"].append(entry)
+
+    def finish(self, clients: dict[str, float], per_item: dict[str, list[float]], views: dict[str, dict[str, float]],
+               wall_seconds: float) -> None:
+        avg = sum(clients.values()) / len(clients)
+        self.data["final"] = {
+            "clients": clients,
+            "avg_score": avg,
+            "avg_score_se": item_se(list(per_item.values())),
+            "views": {v: {"clients": s, "avg_score": sum(s.values()) / len(s)} for v, s in views.items()},
+        }
+        self.data["wall_seconds"] = round(wall_seconds, 2)
+
+    def save(self, out_dir: Path) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / "results.json.tmp"
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(out_dir / "results.json")
+
+
+def client_table(results: dict[str, Any]) -> str:
+    """A per-client table of the final scores of every reported view."""
+    final = results["final"]
+    views = list(final["views"])
+    header = ["client"] + views
+    rows = [[c] + [f"{final['views'][v]['clients'][c]:.4f}" for v in views] for c in results["clients"]]
+    rows.append(["mean"] + [f"{final['views'][v]['avg_score']:.4f}" for v in views])
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths))
+    sent = results["rounds"][-1]["bytes_sent"] if results["rounds"] else {}
+    per_client = max(sent.values()) if sent else 0
+    foot = (f"{results['config']['method']} on {results['config']['benchmark']}: mean score "
+            f"{final['avg_score']:.4f} ± {final['avg_score_se']:.4f} (s.e. over test items), "
+            f"{per_client:,} bytes sent per client per round, {results['wall_seconds']:.0f} s")
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows] + ["", foot])
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r for r in results["rounds"] if "test" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in results["clients"]:
+        ax.plot([r["round"] + 1 for r in rounds], [r["test"][c] for r in rounds], alpha=0.6, label=c)
+    ax.plot([r["round"] + 1 for r in rounds], [r["avg_score"] for r in rounds], color="black", lw=2.5, label="mean")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test score")
+    ax.set_title(f"{results['config']['method']} on {results['config']['benchmark']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

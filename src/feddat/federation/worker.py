@@ -1,0 +1,167 @@
+"""What a client does in a round, whichever engine carries the messages.
+
+One Worker per process holds the frozen backbone with adapter slots; a client's private state (its
+private adapters and head) is a flat dict of tensors loaded into the worker when the client trains or
+is scored, so memory does not grow with the number of clients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from feddat.algorithms.base import LocalConfig, Method
+from feddat.algorithms.losses import scores
+from feddat.data.benchmarks import ClientData, Split
+from feddat.models.adapters import BottleneckAdapter
+from feddat.models.vl import AnswerHead, adapt_vilt, pooled_features
+
+State = dict[str, torch.Tensor]
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes (Python's hash of tuples is salted for str)."""
+    s = 0x9E3779B97F4A7C15
+    for p in parts:
+        s = (s * 6364136223846793005 + int(p) + 1442695040888963407) % (1 << 63)
+    return s
+
+
+def lr_factor(progress: float, warmup: float = 0.1) -> float:
+    """Linear warm-up over the first `warmup` of training, then linear decay to zero."""
+    if progress < warmup:
+        return (progress + 1e-8) / warmup
+    return max(0.0, (1.0 - progress) / (1.0 - warmup))
+
+
+@dataclass
+class FitResult:
+    state: State
+    update: State | None
+    metrics: dict[str, float]
+    num_examples: int
+
+
+class Worker:
+    def __init__(self, method: Method, backbone, reduction: int, local: LocalConfig, device="cpu",
+                 warmup: float = 0.1):
+        self.method = method
+        self.local = local
+        self.device = torch.device(device)
+        self.warmup = warmup
+        self.model = adapt_vilt(backbone, method.adapters, reduction).to(self.device)
+        self.dim = backbone.config.hidden_size
+        self.bottleneck = self.dim // reduction
+        for name in method.adapters:
+            for p in self.model.adapter_parameters(name):
+                p.requires_grad_(name in method.trained)
+
+    # ----- state -----
+    def _fresh_adapter(self, seed: int) -> State:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            a = BottleneckAdapter(self.dim, self.bottleneck)
+        return {f"{i}.{k}": v.clone() for i in range(len(self.model.slots)) for k, v in a.state_dict().items()}
+
+    def initial_global(self, seed: int) -> State | None:
+        """The server's starting point for the shared adapter (None when nothing travels)."""
+        return self._fresh_adapter(mix_seed(seed, 0xA11)) if self.method.shared else None
+
+    def initial_state(self, client_index: int, n_answers: int, seed: int) -> State:
+        state: State = {}
+        for name in self.method.adapters:
+            if name == self.method.shared:
+                continue
+            for k, v in self._fresh_adapter(mix_seed(seed, client_index, sum(name.encode()))).items():
+                state[f"adapter.{name}.{k}"] = v
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(seed, client_index, 0x4EAD))
+            head = AnswerHead(self.dim, n_answers)
+        for k, v in head.state_dict().items():
+            state[f"head.{k}"] = v.clone()
+        return state
+
+    def _load(self, state: State, global_state: State | None, n_answers: int) -> AnswerHead:
+        for name in self.method.adapters:
+            if name == self.method.shared:
+                if global_state is not None:
+                    self.model.load_adapter_state(name, global_state)
+                continue
+            prefix = f"adapter.{name}."
+            self.model.load_adapter_state(name, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        head = AnswerHead(self.dim, n_answers).to(self.device)
+        head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        return head
+
+    def _save(self, head: AnswerHead) -> State:
+        state: State = {}
+        for name in self.method.adapters:
+            if name != self.method.shared:
+                for k, v in self.model.adapter_state(name).items():
+                    state[f"adapter.{name}.{k}"] = v.cpu()
+        for k, v in head.state_dict().items():
+            state[f"head.{k}"] = v.detach().cpu().clone()
+        return state
+
+    # ----- round -----
+    def fit(self, data: ClientData, state: State, global_state: State | None, round_idx: int, total_rounds: int,
+            seed: int, client_index: int, progress=None) -> FitResult:
+        method, cfg = self.method, self.local
+        head = self._load(state, global_state, len(data.answers))
+        method.begin_round(self.model)
+        head.train()
+        opt = torch.optim.AdamW(method.param_groups(self.model, head, cfg), betas=(0.9, 0.98), eps=1e-8,
+                                weight_decay=cfg.weight_decay)
+        gen = torch.Generator().manual_seed(mix_seed(seed, round_idx, client_index, 0xF17))
+        n = len(data.train)
+        batches_per_epoch = -(-n // cfg.batch_size)
+        epochs = cfg.local_epochs * method.epochs_factor
+        total_steps = epochs * batches_per_epoch
+        sums: dict[str, float] = {}
+        step = 0
+        for _ in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            for start in range(0, n, cfg.batch_size):
+                factor = lr_factor((round_idx + step / total_steps) / total_rounds, self.warmup)
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                batch = data.train.batch(perm[start:start + cfg.batch_size], self.device)
+                losses = method.train_step(self.model, head, batch, opt, cfg)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                step += 1
+                if progress is not None:
+                    progress.update(1)
+        metrics = {k: v / max(step, 1) for k, v in sums.items()}
+        update = self.model.adapter_state(method.shared) if method.shared else None
+        if update is not None:
+            update = {k: v.cpu() for k, v in update.items()}
+        return FitResult(self._save(head), update, metrics, n)
+
+    def steps_per_round(self, n_train: int) -> int:
+        return self.local.local_epochs * self.method.epochs_factor * -(-n_train // self.local.batch_size)
+
+    @torch.no_grad()
+    def evaluate(self, data: ClientData, state: State, global_state: State | None, split: str = "test",
+                 views: tuple[str, ...] | None = None, newest_global: bool = True,
+                 batch_size: int = 256) -> dict[str, dict]:
+        """{view: {"score": mean, "scores": per-item tensor, "predictions": per-item answer index}}."""
+        head = self._load(state, global_state, len(data.answers))
+        head.eval()
+        self.method.prepare_eval(self.model, newest_global)
+        views = views or (self.method.predict_view,)
+        part: Split = getattr(data, split)
+        out = {}
+        for view in views:
+            self.model.set_view(view)
+            all_scores, preds = [], []
+            for start in range(0, len(part), batch_size):
+                idx = torch.arange(start, min(start + batch_size, len(part)))
+                batch = part.batch(idx, self.device)
+                logits = head(pooled_features(self.model, batch))
+                all_scores.append(scores(logits, batch["labels"]).cpu())
+                preds.append(logits.argmax(-1).cpu())
+            s = torch.cat(all_scores)
+            out[view] = {"score": float(s.mean()), "scores": s, "predictions": torch.cat(preds)}
+        return out

@@ -1,0 +1,147 @@
+"""The frozen vision-language backbone: a Hugging Face ViLT, the embedded small one or a real checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerFast, ViltConfig, ViltModel
+
+from feddat.errors import FedDATError
+
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "weights" / "vilt-small"
+CHECKSUM_FILE = "SHA256SUMS"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def small_vilt_config(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int = 4,
+                      intermediate: int = 512, text_len: int = 12) -> ViltConfig:
+    """The embedded backbone: a real ViLT at toy scale, 48 px images in 12 px patches (one per grid cell)."""
+    return ViltConfig(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=intermediate, max_position_embeddings=text_len, image_size=48, patch_size=12,
+        num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_image_length=-1,
+        modality_type_vocab_size=2, type_vocab_size=2,
+    )
+
+
+def build_word_tokenizer(words: list[str], max_length: int = 12) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer for the generated world, saved beside the weights like any HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words)))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        model_max_length=max_length,
+    )
+
+
+def image_embeddings(model: ViltModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Patch embeddings + [CLS] + positions for full-size images, without ViLT's random patch sampling.
+
+    `ViltEmbeddings.visual_embed` draws a random permutation of the patches with the global RNG in a
+    per-sample loop; with every patch valid that permutation changes nothing but cost and determinism.
+    """
+    emb = model.embeddings
+    x = emb.patch_embeddings(pixel_values).flatten(2).transpose(1, 2)
+    cls = emb.cls_token.expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    pos = emb.position_embeddings
+    if pos.shape[1] != x.shape[1]:
+        raise FedDATError(
+            f"images give {x.shape[1] - 1} patches but the backbone expects {pos.shape[1] - 1}: "
+            "resize images to the checkpoint's image_size"
+        )
+    return x + pos
+
+
+def encode(model: ViltModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence output, pooled output) of ViLT for a batch of questions and images."""
+    img = image_embeddings(model, pixel_values)
+    pixel_mask = torch.ones(img.shape[:2], dtype=torch.long, device=img.device)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, image_embeds=img, pixel_mask=pixel_mask)
+    return out.last_hidden_state, out.pooler_output
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    lines = [f"{file_sha256(p)}  {p.name}" for p in sorted(directory.iterdir())
+             if p.is_file() and p.name != CHECKSUM_FILE]
+    (directory / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
+
+
+def verify_checksums(directory: Path) -> None:
+    sums = directory / CHECKSUM_FILE
+    if not sums.exists():
+        return
+    for line in sums.read_text().splitlines():
+        digest, name = line.split(maxsplit=1)
+        path = directory / name
+        if not path.exists():
+            raise FedDATError(f"backbone file {path} is missing; rebuild it with `feddat pretrain`")
+        if file_sha256(path) != digest:
+            raise FedDATError(
+                f"backbone file {path} does not match its checksum in {sums}: the file is corrupt or was "
+                "changed; restore it (git checkout) or rebuild it with `feddat pretrain`"
+            )
+
+
+def load_backbone(path: str | Path | None = None, device: str | torch.device = "cpu"):
+    """(ViltModel, tokenizer) from a local directory or hub id; None means the embedded backbone.
+
+    The model is returned frozen and in eval mode: FedDAT never trains the backbone.
+    """
+    source = EMBEDDED_DIR if path is None else path
+    local = Path(source)
+    if local.exists():
+        verify_checksums(local)
+        try:
+            config = json.loads((local / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise FedDATError(f"{local / 'config.json'} is missing or unreadable ({e}); point --model-path at a "
+                              "directory written by save_pretrained") from e
+        if config.get("model_type") != "vilt":
+            raise FedDATError(f"{local} holds a {config.get('model_type')!r} checkpoint, not a ViLT one; "
+                              "use a ViLT checkpoint (e.g. a copy of vilt-b32-mlm) or --backbone for other families")
+    elif path is None:
+        raise FedDATError(f"the embedded backbone is missing from {local}; run `feddat pretrain` to rebuild it")
+    try:
+        model = ViltModel.from_pretrained(str(source), add_pooling_layer=True)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(source)) if (local / "tokenizer.json").exists() \
+            else _auto_tokenizer(source)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FedDATError(f"could not load a ViLT backbone from {source} (missing or mis-shaped weights for its "
+                          f"config.json?): {first}") from e
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def _auto_tokenizer(source):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source))
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)

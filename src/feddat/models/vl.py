@@ -1,0 +1,34 @@
+"""A client's model: the shared frozen backbone with named adapters, plus a personal answer head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from feddat.models.adapters import AdaptedModel
+from feddat.models.backbone import encode
+
+
+class AnswerHead(nn.Module):
+    """Linear(d, 2d) -> LayerNorm -> GELU -> Linear(2d, answers), the VQA head of the authors' code."""
+
+    def __init__(self, dim: int, n_answers: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, 2 * dim), nn.LayerNorm(2 * dim), nn.GELU(), nn.Linear(2 * dim, n_answers))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.net(pooled)
+
+
+def adapt_vilt(backbone, names: tuple[str, ...], reduction: int) -> AdaptedModel:
+    """Attach adapter slots after the output block of every ViLT layer."""
+    dim = backbone.config.hidden_size
+    if reduction <= 0 or dim // reduction < 1:
+        raise ValueError(f"adapter reduction {reduction} does not fit hidden size {dim}")
+    layers = [layer.output for layer in backbone.encoder.layer]
+    return AdaptedModel(backbone, layers, dim, names, dim // reduction)
+
+
+def pooled_features(model: AdaptedModel, batch: dict) -> torch.Tensor:
+    """The pooled [CLS] vector under the model's current view."""
+    return encode(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1]

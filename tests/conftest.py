@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny random-weight ViLT saved like a real checkpoint, and tiny benchmark data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import ViltModel
+
+from feddat.data.questions import WORDS
+from feddat.models.backbone import build_word_tokenizer, small_vilt_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory):
+    """A ViLT with 2 layers of width 32, saved with save_pretrained plus its tokenizer."""
+    path = tmp_path_factory.mktemp("tiny-vilt")
+    tok = build_word_tokenizer(WORDS)
+    torch.manual_seed(0)
+    model = ViltModel(small_vilt_config(len(tok), hidden=32, layers=2, heads=2, intermediate=64))
+    torch.nn.init.normal_(model.embeddings.cls_token, std=0.02)
+    torch.nn.init.normal_(model.embeddings.position_embeddings, std=0.02)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def tiny_config(tiny_backbone_dir, tmp_path):
+    from feddat.config import RunConfig
+
+    def make(**overrides):
+        values = dict(model_path=str(tiny_backbone_dir), cache_dir=str(tmp_path / "cache"), rounds=2,
+                      train_per_client=32, val_per_client=8, test_per_client=32, batch_size=16, threads=1)
+        values.update(overrides)
+        return RunConfig(**values).validate()
+
+    return make
