@@ -1,0 +1,82 @@
+"""End-to-end behaviour of `feddat run` on a tiny backbone and tiny data."""
+
+import json
+
+import pytest
+
+from feddat.cli import main
+from feddat.federation.inprocess import run
+
+
+def test_same_seed_gives_same_numbers_and_other_seed_differs(tiny_config):
+    a = run(tiny_config(method="feddat", seed=3), progress=False)
+    b = run(tiny_config(method="feddat", seed=3), progress=False)
+    c = run(tiny_config(method="feddat", seed=4), progress=False)
+    assert a["final"]["clients"] == b["final"]["clients"]
+    assert [r["train"] for r in a["rounds"]] == [r["train"] for r in b["rounds"]]
+    assert [r["train"] for r in a["rounds"]] != [r["train"] for r in c["rounds"]]
+
+
+def test_only_the_global_adapter_travels(tiny_config):
+    feddat = run(tiny_config(method="feddat", rounds=1), progress=False)
+    fedavg = run(tiny_config(method="fedavg-adapter", rounds=1), progress=False)
+    local = run(tiny_config(method="local-adapter", rounds=1), progress=False)
+    sent = feddat["rounds"][0]["bytes_sent"]
+    assert sent == fedavg["rounds"][0]["bytes_sent"]
+    # tiny backbone: hidden 32, 2 layers, reduction 4 -> bottleneck 8: 2 * (32*8 + 8*32) + 8 + 32 per layer... in float32
+    assert set(sent.values()) == {2 * (32 * 8 + 8 + 8 * 32 + 32) * 4}
+    assert set(local["rounds"][0]["bytes_sent"].values()) == {0}
+
+
+def test_cli_run_writes_results_and_curves(tiny_config, tmp_path, capsys):
+    cfg = tiny_config()
+    out = tmp_path / "run"
+    args = ["run", "--out", str(out), "--quiet", "--model-path", cfg.model_path, "--cache-dir", cfg.cache_dir,
+            "--rounds", "2", "--train-per-client", "32", "--val-per-client", "8", "--test-per-client", "32",
+            "--batch-size", "16", "--threads", "1"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "curves.png").stat().st_size > 1000
+    assert results["config"]["method"] == "feddat" and len(results["rounds"]) == 2
+    final = results["final"]
+    assert set(final["clients"]) == set(results["clients"]) and len(results["clients"]) == 5
+    assert final["avg_score"] == pytest.approx(sum(final["clients"].values()) / 5)
+    assert final["avg_score_se"] > 0
+    assert set(final["views"]) == {"teacher", "student", "local"}
+    for r in results["rounds"]:
+        assert set(r["test"]) == set(results["clients"]) and set(r["bytes_sent"]) == set(results["clients"])
+        assert all("loss" in m for m in r["train"].values())
+    printed = capsys.readouterr().out
+    assert "clipart" in printed and "mean" in printed
+    # a second run into the same directory is refused and leaves the results alone
+    before = (out / "results.json").read_bytes()
+    assert main(args) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--benchmark", "nope"], "unknown benchmark 'nope'"),
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--rounds", "0"], "rounds must be a positive integer"),
+    (["--lr-adapter", "-1"], "lr-adapter must be a positive number"),
+    (["--aggregation", "median"], "aggregation must be one of"),
+    (["--model-path", "/nonexistent/vilt"], "could not load a ViLT backbone"),
+])
+def test_cli_errors_are_one_line_with_exit_code_2(flags, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--out", str(out), "--quiet", "--cache-dir", str(tmp_path / "c")] + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (out / "results.json").exists()
+
+
+def test_unreadable_cache_is_reported(tiny_config, tmp_path, capsys):
+    cfg = tiny_config()
+    run(cfg, progress=False)
+    from pathlib import Path
+
+    (cache,) = Path(cfg.cache_dir).glob("*.npz")
+    cache.write_bytes(b"not a zip file")
+    with pytest.raises(Exception, match="unreadable.*delete it"):
+        run(cfg, progress=False)
