@@ -19,7 +19,7 @@ from feddat.data.questions import QTYPES
 from feddat.data.world import COLORS, SHAPES
 from feddat.errors import FedDATError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,7 @@ class Split:
     labels: torch.Tensor         # (n,) index into the client's answer list
     qtypes: np.ndarray
     questions: list[str]
+    shifted: np.ndarray          # bool: the question uses a word this client gives another meaning
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -144,7 +145,7 @@ def _save_records(path: Path, recs: dict[str, Records]) -> None:
     for split, r in recs.items():
         arrays[f"{split}_images"] = r.images
         arrays[f"{split}_image_index"] = r.image_index
-        meta[split] = {"questions": r.questions, "answers": r.answers, "qtypes": r.qtypes}
+        meta[split] = {"questions": r.questions, "answers": r.answers, "qtypes": r.qtypes, "shifted": r.shifted}
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
     tmp.replace(path)
@@ -159,7 +160,7 @@ def _load_records(path: Path) -> dict[str, Records]:
                 images = z[f"{split}_images"]
                 empty = np.zeros((len(images), 16), dtype=np.int64)
                 out[split] = Records(images, empty, empty, z[f"{split}_image_index"], m["questions"], m["answers"],
-                                     m["qtypes"])
+                                     m["qtypes"], m["shifted"])
             return out
     except Exception as e:  # any damage to the file: say which file and how to fix it
         raise FedDATError(f"benchmark cache file {path} is unreadable ({type(e).__name__}: {e}); delete it and it "
@@ -206,7 +207,8 @@ def _split_by_client(stored: dict[str, Records], specs: list[ClientSpec]) -> dic
 def _to_split(r: Records, tokenizer, text_len: int, lookup: dict[str, int]) -> Split:
     ids, mask = tokenize(tokenizer, r.questions, text_len)
     return Split(ids, mask, pixel_tensor(r.images), torch.as_tensor(r.image_index),
-                 torch.tensor([lookup.get(a, -1) for a in r.answers]), np.asarray(r.qtypes), list(r.questions))
+                 torch.tensor([lookup.get(a, -1) for a in r.answers]), np.asarray(r.qtypes), list(r.questions),
+                 np.asarray(r.shifted, dtype=bool))
 
 
 def load_benchmark(benchmark: str, seed: int, sizes: Sizes, tokenizer, text_len: int,

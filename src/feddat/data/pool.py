@@ -22,6 +22,7 @@ class Records:
     questions: list[str]
     answers: list[str]
     qtypes: list[str]
+    shifted: list[bool]         # the question mentions a word whose meaning this client changed
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -31,7 +32,7 @@ def generate(rng: np.random.Generator, n_questions: int, styles: list[str], qtyp
              qtype_p: np.ndarray | None = None, questions_per_image: int = 1,
              color_p=None, shape_p=None, dialect=None, palette=None) -> Records:
     """`n_questions` records over fresh scenes; each image carries up to `questions_per_image` questions."""
-    images, pcol, pshp, index, qs, ans, types = [], [], [], [], [], [], []
+    images, pcol, pshp, index, qs, ans, types, shifted = [], [], [], [], [], [], [], []
     while len(qs) < n_questions:
         scene = sample_scene(rng, color_p=color_p, shape_p=shape_p)
         style = styles[rng.integers(len(styles))]
@@ -46,6 +47,7 @@ def generate(rng: np.random.Generator, n_questions: int, styles: list[str], qtyp
             qs.append(qa[0])
             ans.append(qa[1])
             types.append(qtype)
+            shifted.append(bool(dialect) and any(w in dialect for w in qa[0].split()))
             index.append(len(images))
             added += 1
         if added:
@@ -54,7 +56,7 @@ def generate(rng: np.random.Generator, n_questions: int, styles: list[str], qtyp
             pcol.append(c)
             pshp.append(s)
     return Records(np.stack(images), np.stack(pcol), np.stack(pshp), np.asarray(index, dtype=np.int64),
-                   qs, ans, types)
+                   qs, ans, types, shifted)
 
 
 def pixel_tensor(images: np.ndarray) -> torch.Tensor:

@@ -46,13 +46,14 @@ class History:
         self.data["rounds"].append(entry)
 
     def finish(self, clients: dict[str, float], per_item: dict[str, list[float]], views: dict[str, dict[str, float]],
-               wall_seconds: float) -> None:
+               wall_seconds: float, breakdown: dict[str, dict[str, float]] | None = None) -> None:
         avg = sum(clients.values()) / len(clients)
         self.data["final"] = {
             "clients": clients,
             "avg_score": avg,
             "avg_score_se": item_se(list(per_item.values())),
             "views": {v: {"clients": s, "avg_score": sum(s.values()) / len(s)} for v, s in views.items()},
+            "breakdown": breakdown or {},
         }
         self.data["wall_seconds"] = round(wall_seconds, 2)
 

@@ -74,6 +74,7 @@ def finish_history(history: History, method, evals: dict[str, dict], wall: float
     views = reported_views(method)
     main = method.predict_view
     history.finish(
+        breakdown={c: e[main].get("breakdown", {}) for c, e in evals.items()},
         clients={c: e[main]["score"] for c, e in evals.items()},
         per_item={c: e[main]["scores"].tolist() for c, e in evals.items()},
         views={v: {c: e[v]["score"] for c, e in evals.items()} for v in views},

@@ -163,5 +163,16 @@ class Worker:
                 all_scores.append(scores(logits, batch["labels"]).cpu())
                 preds.append(logits.argmax(-1).cpu())
             s = torch.cat(all_scores)
-            out[view] = {"score": float(s.mean()), "scores": s, "predictions": torch.cat(preds)}
+            out[view] = {"score": float(s.mean()), "scores": s, "predictions": torch.cat(preds),
+                         "breakdown": score_breakdown(part, s)}
         return out
+
+
+def score_breakdown(split, item_scores: torch.Tensor) -> dict[str, float]:
+    """Mean score per question type, and on questions with / without a client-specific word meaning."""
+    s = item_scores.numpy()
+    out = {f"qtype:{q}": float(s[split.qtypes == q].mean()) for q in sorted(set(split.qtypes.tolist()))}
+    if split.shifted.any():
+        out["shifted"] = float(s[split.shifted].mean())
+        out["unshifted"] = float(s[~split.shifted].mean())
+    return out
