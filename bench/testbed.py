@@ -22,7 +22,7 @@ from feddat.eval.results import mean_and_se
 
 def breakdown_rows(out: Path, methods: list[str], seeds: list[int]) -> list[str]:
     rows = []
-    keys = ("qtype:count", "shifted", "unshifted")
+    keys = ("synonym", "shifted", "not-shifted")
     for m in methods:
         cells = []
         for key in keys:
@@ -49,6 +49,9 @@ def main() -> None:
     p.add_argument("--methods", default="feddat,fedavg-adapter,fedavg-adapter-2x,local-adapter,head-only")
     p.add_argument("--rounds", type=int, default=RunConfig.rounds)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=1, help="score every N rounds (the last round always)")
+    p.add_argument("--local-epochs", type=int, default=RunConfig.local_epochs)
+    p.add_argument("--model-path", default=None, help="backbone directory (default: the embedded one)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -56,11 +59,12 @@ def main() -> None:
     out = Path(args.out)
     summary = []
     for bench in args.benchmarks.split(","):
-        base = RunConfig(benchmark=bench, rounds=args.rounds, threads=args.threads).validate()
+        base = RunConfig(benchmark=bench, rounds=args.rounds, threads=args.threads, model_path=args.model_path,
+                         eval_every=args.eval_every, local_epochs=args.local_epochs).validate()
         table = run_comparison(base, methods, seeds, out / bench, progress=not args.quiet)
         md = (out / bench / "table.md").read_text()
         summary += [f"## {bench}", "", md, "Mean over clients and seeds (± s.e. over seeds):", "",
-                    "| method | counting (shared skill) | shifted words | other questions |", "|---|---|---|---|"]
+                    "| method | new words (shared skill) | client-specific meanings | other meanings |", "|---|---|---|---|"]
         summary += breakdown_rows(out / bench, methods, seeds) + [""]
         print("\n".join(summary[-(len(methods) + 8):]))
         (out / "summary.md").write_text("\n".join(summary) + "\n")

@@ -19,7 +19,7 @@ from feddat.data.questions import QTYPES
 from feddat.data.world import COLORS, SHAPES
 from feddat.errors import FedDATError
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class ClientSpec:
     qtype_weights: dict[str, float]
     dialect: dict[str, str] = field(default_factory=dict)
     prior_alpha: float = 2.0  # Dirichlet concentration of this client's colour and shape priors
+    synonym_p: float = 0.0    # chance that a colour or shape word is said with a word unseen in pretraining
 
 
 def _swap(a: str, b: str) -> dict[str, str]:
@@ -38,17 +39,20 @@ def _swap(a: str, b: str) -> dict[str, str]:
 def domain_clients(shared_skill: bool = True, conflicting_shifts: bool = True) -> list[ClientSpec]:
     """Five clients, one image domain each, with their own question mix and word meanings.
 
-    - shared skill: counting questions, absent from pretraining, asked by every client;
-    - conflicting shifts: each client's own word meanings (dialect) that contradict other clients'.
+    - shared skill: words absent from pretraining (synonyms of colours and shapes, `SYNONYMS`), used by
+      every client for a share of its mentions: each client sees each new word a few times, the federation
+      sees it five times as often;
+    - conflicting shifts: each client's own word meanings (dialect, a swap of two words) that contradict
+      other clients' (two clients swap red with different colours, two swap circle with different shapes).
     The two switches exist to ablate the benchmark itself.
     """
-    count = 0.3 if shared_skill else 0.0
+    synonym_p = 0.3 if shared_skill else 0.0
     mixes = [
-        {"color": 0.2, "shape": 0.15, "exist": 0.2, "where": 0.1, "size": 0.05},
-        {"color": 0.1, "shape": 0.2, "exist": 0.15, "where": 0.1, "size": 0.15},
-        {"color": 0.15, "shape": 0.1, "exist": 0.25, "where": 0.15, "size": 0.05},
-        {"color": 0.1, "shape": 0.1, "exist": 0.2, "where": 0.2, "size": 0.1},
-        {"color": 0.15, "shape": 0.15, "exist": 0.15, "where": 0.05, "size": 0.2},
+        {"color": 0.25, "shape": 0.2, "exist": 0.3, "where": 0.15, "size": 0.1},
+        {"color": 0.15, "shape": 0.3, "exist": 0.2, "where": 0.15, "size": 0.2},
+        {"color": 0.2, "shape": 0.15, "exist": 0.35, "where": 0.2, "size": 0.1},
+        {"color": 0.15, "shape": 0.15, "exist": 0.3, "where": 0.25, "size": 0.15},
+        {"color": 0.2, "shape": 0.2, "exist": 0.2, "where": 0.1, "size": 0.3},
     ]
     dialects = [
         _swap("red", "blue"),
@@ -60,9 +64,7 @@ def domain_clients(shared_skill: bool = True, conflicting_shifts: bool = True) -
     names = ["clipart", "textured", "night", "sketch", "blurry"]
     clients = []
     for name, mix, dialect in zip(names, mixes, dialects):
-        weights = dict(mix)
-        weights["count"] = count
-        clients.append(ClientSpec(name=name, styles=(name,), qtype_weights=weights,
+        clients.append(ClientSpec(name=name, styles=(name,), qtype_weights=dict(mix), synonym_p=synonym_p,
                                   dialect=dialect if conflicting_shifts else {}))
     return clients
 
@@ -86,6 +88,7 @@ class Split:
     qtypes: np.ndarray
     questions: list[str]
     shifted: np.ndarray          # bool: the question uses a word this client gives another meaning
+    synonym: np.ndarray          # bool: the question uses a word absent from pretraining
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -129,7 +132,7 @@ def _client_records(spec: ClientSpec, seed: int, index: int, sizes: Sizes) -> di
     out = {}
     for split in ("train", "val", "test"):
         out[split] = generate(rng, getattr(sizes, split), list(spec.styles), qtypes, w / w.sum(),
-                              color_p=color_p, shape_p=shape_p, dialect=spec.dialect)
+                              color_p=color_p, shape_p=shape_p, dialect=spec.dialect, synonym_p=spec.synonym_p)
     return out
 
 
@@ -145,7 +148,8 @@ def _save_records(path: Path, recs: dict[str, Records]) -> None:
     for split, r in recs.items():
         arrays[f"{split}_images"] = r.images
         arrays[f"{split}_image_index"] = r.image_index
-        meta[split] = {"questions": r.questions, "answers": r.answers, "qtypes": r.qtypes, "shifted": r.shifted}
+        meta[split] = {"questions": r.questions, "answers": r.answers, "qtypes": r.qtypes, "shifted": r.shifted,
+                       "synonym": r.synonym}
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
     tmp.replace(path)
@@ -160,7 +164,7 @@ def _load_records(path: Path) -> dict[str, Records]:
                 images = z[f"{split}_images"]
                 empty = np.zeros((len(images), 16), dtype=np.int64)
                 out[split] = Records(images, empty, empty, z[f"{split}_image_index"], m["questions"], m["answers"],
-                                     m["qtypes"], m["shifted"])
+                                     m["qtypes"], m["shifted"], m["synonym"])
             return out
     except Exception as e:  # any damage to the file: say which file and how to fix it
         raise FedDATError(f"benchmark cache file {path} is unreadable ({type(e).__name__}: {e}); delete it and it "
@@ -208,7 +212,7 @@ def _to_split(r: Records, tokenizer, text_len: int, lookup: dict[str, int]) -> S
     ids, mask = tokenize(tokenizer, r.questions, text_len)
     return Split(ids, mask, pixel_tensor(r.images), torch.as_tensor(r.image_index),
                  torch.tensor([lookup.get(a, -1) for a in r.answers]), np.asarray(r.qtypes), list(r.questions),
-                 np.asarray(r.shifted, dtype=bool))
+                 np.asarray(r.shifted, dtype=bool), np.asarray(r.synonym, dtype=bool))
 
 
 def load_benchmark(benchmark: str, seed: int, sizes: Sizes, tokenizer, text_len: int,

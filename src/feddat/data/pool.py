@@ -23,6 +23,7 @@ class Records:
     answers: list[str]
     qtypes: list[str]
     shifted: list[bool]         # the question mentions a word whose meaning this client changed
+    synonym: list[bool]         # the question uses a word absent from pretraining
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -30,9 +31,9 @@ class Records:
 
 def generate(rng: np.random.Generator, n_questions: int, styles: list[str], qtypes: list[str],
              qtype_p: np.ndarray | None = None, questions_per_image: int = 1,
-             color_p=None, shape_p=None, dialect=None, palette=None) -> Records:
+             color_p=None, shape_p=None, dialect=None, palette=None, synonym_p: float = 0.0) -> Records:
     """`n_questions` records over fresh scenes; each image carries up to `questions_per_image` questions."""
-    images, pcol, pshp, index, qs, ans, types, shifted = [], [], [], [], [], [], [], []
+    images, pcol, pshp, index, qs, ans, types, shifted, synonym = [], [], [], [], [], [], [], [], []
     while len(qs) < n_questions:
         scene = sample_scene(rng, color_p=color_p, shape_p=shape_p)
         style = styles[rng.integers(len(styles))]
@@ -41,13 +42,14 @@ def generate(rng: np.random.Generator, n_questions: int, styles: list[str], qtyp
             if added == questions_per_image or len(qs) == n_questions:
                 break
             qtype = qtypes[rng.choice(len(qtypes), p=qtype_p)]
-            qa = ask(scene, qtype, rng, dialect)
+            qa = ask(scene, qtype, rng, dialect, synonym_p)
             if qa is None:
                 continue
             qs.append(qa[0])
             ans.append(qa[1])
             types.append(qtype)
-            shifted.append(bool(dialect) and any(w in dialect for w in qa[0].split()))
+            shifted.append("shifted" in qa.tags)
+            synonym.append("synonym" in qa.tags)
             index.append(len(images))
             added += 1
         if added:
@@ -56,7 +58,7 @@ def generate(rng: np.random.Generator, n_questions: int, styles: list[str], qtyp
             pcol.append(c)
             pshp.append(s)
     return Records(np.stack(images), np.stack(pcol), np.stack(pshp), np.asarray(index, dtype=np.int64),
-                   qs, ans, types, shifted)
+                   qs, ans, types, shifted, synonym)
 
 
 def pixel_tensor(images: np.ndarray) -> torch.Tensor:

@@ -12,9 +12,19 @@ PRETRAIN_QTYPES = ("color", "shape", "exist", "where", "size")
 MAX_COUNT = 7
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 
+# Words absent from pretraining that every client uses now and then for a colour or shape: the shared
+# vocabulary the federation can teach (testbed property b). Questions use them; answers never do.
+SYNONYMS = {
+    "crimson": "red", "lime": "green", "navy": "blue", "gold": "yellow", "violet": "purple", "teal": "cyan",
+    "ball": "circle", "box": "square", "wedge": "triangle", "rhombus": "diamond", "plus": "cross",
+}
+_SURFACE = {}
+for _syn, _word in SYNONYMS.items():
+    _SURFACE.setdefault(_word, []).append(_syn)
+
 WORDS = (
     "what color is the shape thing there a where size how many things are of ? s"
-).split() + list(COLORS) + list(SHAPES)
+).split() + list(COLORS) + list(SHAPES) + list(SYNONYMS)
 
 
 def answer_vocabulary() -> list[str]:
@@ -27,48 +37,87 @@ def _quadrant(row: int, col: int) -> str:
     return QUADRANTS[(row >= GRID // 2) * 2 + (col >= GRID // 2)]
 
 
-def ask(scene: Scene, qtype: str, rng: np.random.Generator, dialect: dict[str, str] | None = None):
+class Question(tuple):
+    """(question, answer) plus tags: 'shifted' (a word with this client's own meaning), 'synonym'."""
+
+    def __new__(cls, question: str, answer: str, tags: frozenset = frozenset()):
+        obj = super().__new__(cls, (question, answer))
+        obj.tags = tags
+        return obj
+
+
+def ask(scene: Scene, qtype: str, rng: np.random.Generator, dialect: dict[str, str] | None = None,
+        synonym_p: float = 0.0) -> Question | None:
     """One (question, answer) about `scene`, or None when the scene cannot support this type.
 
     `dialect` renames words for this client: a word's meaning changes in both questions and answers,
     so the remap must happen inside the model (a personal head cannot undo it for yes/no answers).
+    `synonym_p`: the chance that a colour or shape word in the question is said with its synonym.
     """
+    result = _ask(scene, qtype, rng, dialect or {})
+    if result is None:
+        return None
+    question, answer, mentioned = result
+    tags = set()
+    if any(dialect and w in dialect for w in mentioned):
+        tags.add("shifted")
+    if synonym_p > 0:
+        words = question.split()
+        for i, w in enumerate(words):
+            if w in _SURFACE and rng.random() < synonym_p:
+                options = _SURFACE[w]
+                words[i] = options[rng.integers(len(options))]
+                tags.add("synonym")
+        question = " ".join(words)
+    return Question(question, answer, frozenset(tags))
+
+
+def _ask(scene: Scene, qtype: str, rng: np.random.Generator, dialect: dict[str, str]):
+    """(question, answer, words the question mentions in their true meaning) or None."""
     objs = scene.objects
-    say = (lambda w: dialect.get(w, w)) if dialect else (lambda w: w)
+    mentioned: list[str] = []
+
+    def say(w: str) -> str:
+        mentioned.append(w)
+        return dialect.get(w, w)
+
+    def done(q: str, a: str):
+        return q, a, mentioned
+
     if qtype == "color":
         unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
         if not unique:
             return None
         o = unique[rng.integers(len(unique))]
-        return f"what color is the {say(o.shape)} ?", say(o.color)
+        return done(f"what color is the {say(o.shape)} ?", dialect.get(o.color, o.color))
     if qtype == "shape":
         unique = [o for o in objs if sum(p.color == o.color for p in objs) == 1]
         if not unique:
             return None
         o = unique[rng.integers(len(unique))]
-        return f"what shape is the {say(o.color)} thing ?", say(o.shape)
+        return done(f"what shape is the {say(o.color)} thing ?", dialect.get(o.shape, o.shape))
     if qtype == "exist":
         if rng.random() < 0.5:
             o = objs[rng.integers(len(objs))]
-            return f"is there a {say(o.color)} {say(o.shape)} ?", "yes"
+            return done(f"is there a {say(o.color)} {say(o.shape)} ?", "yes")
         present = {(o.color, o.shape) for o in objs}
         for _ in range(20):
             c, s = COLORS[rng.integers(len(COLORS))], SHAPES[rng.integers(len(SHAPES))]
             if (c, s) not in present:
-                return f"is there a {say(c)} {say(s)} ?", "no"
+                return done(f"is there a {say(c)} {say(s)} ?", "no")
         return None
     if qtype in ("where", "size"):
         o = objs[rng.integers(len(objs))]
         if qtype == "where":
-            return f"where is the {say(o.color)} {say(o.shape)} ?", _quadrant(o.row, o.col)
-        return f"what size is the {say(o.color)} {say(o.shape)} ?", o.size
+            return done(f"where is the {say(o.color)} {say(o.shape)} ?", _quadrant(o.row, o.col))
+        return done(f"what size is the {say(o.color)} {say(o.shape)} ?", o.size)
     if qtype == "count":
         kind = rng.integers(3)
         if kind == 0:
-            return "how many things are there ?", str(len(objs))
+            return done("how many things are there ?", str(len(objs)))
         if kind == 1:
             c = COLORS[rng.integers(len(COLORS))]
-            return f"how many {say(c)} things are there ?", str(sum(o.color == c for o in objs))
+            return done(f"how many {say(c)} things are there ?", str(sum(o.color == c for o in objs)))
         s = SHAPES[rng.integers(len(SHAPES))]
-        return f"how many {say(s)} s are there ?", str(sum(o.shape == s for o in objs))
+        return done(f"how many {say(s)} s are there ?", str(sum(o.shape == s for o in objs)))
     raise ValueError(f"unknown question type {qtype!r}; choose one of {', '.join(QTYPES)}")

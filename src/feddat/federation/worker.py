@@ -172,7 +172,8 @@ def score_breakdown(split, item_scores: torch.Tensor) -> dict[str, float]:
     """Mean score per question type, and on questions with / without a client-specific word meaning."""
     s = item_scores.numpy()
     out = {f"qtype:{q}": float(s[split.qtypes == q].mean()) for q in sorted(set(split.qtypes.tolist()))}
-    if split.shifted.any():
-        out["shifted"] = float(s[split.shifted].mean())
-        out["unshifted"] = float(s[~split.shifted].mean())
+    for name, mask in (("shifted", split.shifted), ("synonym", split.synonym)):
+        if mask.any() and (~mask).any():
+            out[name] = float(s[mask].mean())
+            out[f"not-{name}"] = float(s[~mask].mean())
     return out
