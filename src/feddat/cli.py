@@ -1,4 +1,4 @@
-"""The `feddat` command line: run, methods, pretrain."""
+"""The `feddat` command line: run, predict, eval, methods, pretrain."""
 
 from __future__ import annotations
 
@@ -56,15 +56,126 @@ def cmd_run(args) -> int:
         from feddat.federation.flower_app import run_flower as runner
     else:
         from feddat.federation.inprocess import run as runner
-    results = runner(cfg, out_dir=None, progress=not args.quiet)
-    from feddat.eval.results import History, client_table, plot_curves
+    results = runner(cfg, out_dir=out, progress=not args.quiet)  # writes results.json and clients/
+    from feddat.eval.results import client_table, plot_curves
 
-    history = History({}, [], {})
-    history.data = results
-    history.save(out)
     plot_curves(results, out / "curves.png")
     print(client_table(results))
-    print(f"\nwrote {out / 'results.json'} and {out / 'curves.png'}")
+    print(f"\nwrote {out / 'results.json'}, {out / 'curves.png'} and the client models in {out / 'clients'}")
+    return 0
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise FedDATError(f"--input {path} is unreadable: {e}") from e
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FedDATError(f"{path} line {n} is not JSON: {e}") from e
+        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) or \
+                not isinstance(rec.get("question"), str):
+            raise FedDATError(f"{path} line {n} needs string fields \"image\" (a path) and \"question\"")
+        records.append(rec)
+    return records
+
+
+class _NoLoadBars:
+    """No transformers progress bar while a saved model's backbone loads (the output is the predictions)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self.was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        if self.was:
+            hf_logging.enable_progress_bar()
+
+
+def cmd_predict(args) -> int:
+    with _NoLoadBars():
+        return _predict(args)
+
+
+def _predict(args) -> int:
+    from feddat.inference import load_client, read_image
+
+    if (args.input is None) == (args.image is None):
+        raise FedDATError("give either --image and --question, or --input FILE.jsonl (with --output FILE.jsonl)")
+    if args.image is not None and args.question is None:
+        raise FedDATError("--image needs --question")
+    if args.input is not None and args.output is None:
+        raise FedDATError("--input needs --output FILE.jsonl")
+    if args.top_k < 1:
+        raise FedDATError(f"--top-k must be a positive integer, got {args.top_k}")
+    if args.batch_size < 1:
+        raise FedDATError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.image is not None:
+        image = read_image(args.image)
+        model = load_client(args.run, args.client, args.model_path, args.device)
+        (answers,) = model.predict([image], [args.question], view=args.view, top_k=args.top_k)
+        width = max(len(a) for a, _ in answers)
+        for answer, p in answers:
+            print(f"{answer.ljust(width)}  {p:.4f}")
+        return 0
+
+    from tqdm import tqdm
+
+    input_path = Path(args.input)
+    records = _read_jsonl(input_path)
+    base = input_path.parent
+    # an image path is relative to the input file (or, if not found there, to the working directory)
+    resolve = lambda p: base / p if not Path(p).is_absolute() and (base / p).exists() else Path(p)
+    model = load_client(args.run, args.client, args.model_path, args.device)
+    out_path = Path(args.output)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f, tqdm(total=len(records), desc=f"predict {args.client}", unit="question",
+                                        disable=args.quiet) as bar:
+            for start in range(0, len(records), args.batch_size):
+                chunk = records[start:start + args.batch_size]
+                images = [read_image(resolve(r["image"])) for r in chunk]
+                preds = model.predict(images, [r["question"] for r in chunk], view=args.view, top_k=args.top_k)
+                for rec, answers in zip(chunk, preds):
+                    rec = dict(rec, answers=[a for a, _ in answers], probabilities=[p for _, p in answers])
+                    f.write(json.dumps(rec) + "\n")
+                bar.update(len(chunk))
+        tmp.replace(out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {len(records)} predictions to {out_path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from feddat.eval.results import client_table
+    from feddat.inference import evaluate_run
+
+    clients = [args.client] if args.client else None
+    with _NoLoadBars():
+        data = evaluate_run(args.run, clients, args.model_path, args.cache_dir, args.device,
+                            progress=not args.quiet)
+    run_results = json.loads((Path(args.run) / "results.json").read_text())
+    print(client_table({**data, "rounds": run_results.get("rounds", [])[-1:]}))
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise FedDATError(f"--out {out} exists and is not a directory; choose another path")
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / "eval.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(out / "eval.json")
+        print(f"\nwrote {out / 'eval.json'}")
     return 0
 
 
@@ -103,6 +214,31 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_run_options(run)
     run.set_defaults(func=cmd_run)
+
+    pred = sub.add_parser("predict", help="answer questions about images with a saved client model")
+    pred.add_argument("--run", required=True, help="the --out directory of a `feddat run`")
+    pred.add_argument("--client", required=True, help="which client's model (e.g. clipart)")
+    pred.add_argument("--image", help="an image file (the backbone's image size, e.g. 48x48 for the embedded one)")
+    pred.add_argument("--question", help="the question about --image")
+    pred.add_argument("--input", help="JSON lines with \"image\" (path, relative to the file) and \"question\"")
+    pred.add_argument("--output", help="JSON lines written for --input: each record plus answers and probabilities")
+    pred.add_argument("--top-k", dest="top_k", type=int, default=5, help="answers to show (default: 5)")
+    pred.add_argument("--view", help="student, local or teacher (default: the method's predicting view)")
+    pred.add_argument("--model-path", dest="model_path", help="the backbone (default: the one client.json names)")
+    pred.add_argument("--device", default="cpu")
+    pred.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    pred.add_argument("--quiet", action="store_true", help="no progress bar")
+    pred.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("eval", help="re-score a run's saved client models on their test splits")
+    ev.add_argument("--run", required=True, help="the --out directory of a `feddat run`")
+    ev.add_argument("--client", help="only this client (default: every client)")
+    ev.add_argument("--out", help="directory to write eval.json (final.clients, avg_score, ...)")
+    ev.add_argument("--model-path", dest="model_path", help="the backbone (default: the one client.json names)")
+    ev.add_argument("--cache-dir", dest="cache_dir", help="benchmark cache (default: the run's)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=cmd_eval)
 
     methods = sub.add_parser("methods", help="list the federated methods")
     methods.set_defaults(func=cmd_methods)

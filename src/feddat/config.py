@@ -38,6 +38,7 @@ class RunConfig:
     device: str = "cpu"
     threads: int = 0                    # torch intra-op threads; 0 = torch's default
     cache_dir: str | None = None        # benchmark cache; None = ~/.cache/feddat
+    tracker: str | None = None          # experiment tracker: tensorboard, mlflow or wandb; None = none
 
     def validate(self) -> "RunConfig":
         from feddat.algorithms.registry import METHODS
@@ -70,6 +71,11 @@ class RunConfig:
             raise FedDATError(f"seed must be a non-negative integer, got {self.seed!r}")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise FedDATError(f"threads must be a non-negative integer, got {self.threads!r}")
+        from feddat.eval.tracking import TRACKERS
+
+        if self.tracker is not None and self.tracker not in TRACKERS:
+            raise FedDATError(f"unknown tracker {self.tracker!r}; choose one of {', '.join(TRACKERS)} "
+                              "(or leave it unset)")
         return self
 
     @property

@@ -72,6 +72,11 @@ class PretrainModel(nn.Module):
         return self.answer_head(pooled), self.color_head(patches), self.shape_head(patches), self.cell_head(patches)
 
 
+def _resumable(config: dict) -> dict:
+    """The settings a checkpoint must share with the config that resumes it (threads may differ)."""
+    return {k: v for k, v in config.items() if k != "threads"}
+
+
 _CELLS = (torch.arange(GRID * GRID) // GRID, torch.arange(GRID * GRID) % GRID)
 
 
@@ -148,7 +153,7 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["config"] != asdict(cfg):
+        if _resumable(state["config"]) != _resumable(asdict(cfg)):
             raise FedDATError(f"{ckpt} was written with another pretraining config; remove it or use the same "
                               "options to resume")
         model.load_state_dict(state["model"])

@@ -29,11 +29,23 @@ def item_se(per_item: list[list[float]]) -> float:
 
 
 class History:
-    """Everything a run reports, filled round by round by whichever driver runs it."""
+    """Everything a run reports, filled round by round by whichever driver runs it.
+
+    Listeners (experiment trackers, `feddat.eval.tracking`) see what is recorded as it is recorded:
+    `on_start(data)` when attached, `on_round(entry)` for every round entry, `on_finish(data)` after the final
+    report; so every engine reports the same numbers under the same names.
+    """
 
     def __init__(self, config: dict[str, Any], clients: list[str], label_spaces: dict[str, list[str]]):
         self.data: dict[str, Any] = {"config": config, "clients": clients, "label_spaces": label_spaces,
                                      "rounds": [], "final": None, "wall_seconds": None}
+        self.listeners: list[Any] = []
+
+    def attach(self, listener) -> None:
+        """Add a listener (None is ignored) and give it the run's config and clients."""
+        if listener is not None:
+            self.listeners.append(listener)
+            listener.on_start(self.data)
 
     def add_round(self, round_idx: int, train: dict[str, dict], scores: dict[str, float] | None,
                   bytes_sent: dict[str, int], seconds: float, missing: list[str] | None = None) -> None:
@@ -44,6 +56,8 @@ class History:
         if missing:
             entry["missing_clients"] = missing
         self.data["rounds"].append(entry)
+        for listener in self.listeners:
+            listener.on_round(entry)
 
     def finish(self, clients: dict[str, float], per_item: dict[str, list[float]], views: dict[str, dict[str, float]],
                wall_seconds: float, breakdown: dict[str, dict[str, float]] | None = None) -> None:
@@ -56,6 +70,8 @@ class History:
             "breakdown": breakdown or {},
         }
         self.data["wall_seconds"] = round(wall_seconds, 2)
+        for listener in self.listeners:
+            listener.on_finish(self.data)
 
     def save(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,11 @@ and averages updates, `History` records the run. Flower carries the messages (fl
             "metrics": num-examples, client-index and the mean train losses as train.<name>.
 - evaluate  server -> every client, on evaluation rounds: the new global adapter. Reply: "metrics" with
             the score; on the last round ("final") also score.<view> for every reported view, the per-item
-            scores and breakdown.<key> of the predicting view.
+            scores and breakdown.<key> of the predicting view; when the server saves the run ("export",
+            set when it has an out dir) also the client's personalised model ("arrays") and its description
+            ("client" record, "model-meta": client.json as JSON), which the server writes to
+            <out>/clients/<client>/ exactly as the in-process engine does. Without an out dir no private
+            state leaves a node.
 
 Every message also carries the run config ("run-config"), so the server is the one source of truth and the
 ClientApp needs nothing from Flower's own run config. A node's client is its `partition-id` (simulation) or
@@ -24,6 +28,7 @@ dict as the in-process engine; `flwr run .` runs it from pyproject.toml.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 
 ARRAYS, CONFIG, METRICS, CLIENT, RUN_CONFIG = "arrays", "config", "metrics", "client", "run-config"
 STATE_KEY = "feddat-client-state"
+MODEL_META = "model-meta"
 NODE_LOCAL = ("model_path", "cache_dir", "device", "threads")
 TIMEOUT_S = 3600.0
 
@@ -76,12 +82,12 @@ def config_to_record(cfg: RunConfig) -> ConfigRecord:
 def config_from_values(values: Mapping[str, Any]) -> tuple[RunConfig, Path | None]:
     """A RunConfig and the output directory from Flower's run config (or a record).
 
-    Keys may use dashes or underscores (`lr-adapter` = `lr_adapter`); an empty model-path or cache-dir means
-    unset; `out-dir`, if given, is where the server writes results.json.
+    Keys may use dashes or underscores (`lr-adapter` = `lr_adapter`); an empty model-path, cache-dir or tracker
+    means unset; `out-dir`, if given, is where the server writes results.json.
     """
     d = {str(k).replace("-", "_"): v for k, v in values.items()}
     out = d.pop("out_dir", None) or None
-    for key in ("model_path", "cache_dir"):
+    for key in ("model_path", "cache_dir", "tracker"):
         if d.get(key) == "":
             d[key] = None
     return RunConfig.from_dict(d), Path(out) if out else None
@@ -176,14 +182,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     c = setup.clients[index]
     method = setup.worker.method
     final = bool(msg.content[CONFIG].get("final", False))
-    evals = evaluate_client(setup, c, _client_state(context, setup, cfg, index), record_to_state(msg.content[ARRAYS]),
-                            reported_views(method) if final else None)
+    state, global_state = _client_state(context, setup, cfg, index), record_to_state(msg.content[ARRAYS])
+    evals = evaluate_client(setup, c, state, global_state, reported_views(method) if final else None)
     main = evals[method.predict_view]
     metrics = {"client-index": index, "num-examples": len(c.test), "score": main["score"]}
     if final:
         metrics.update({f"score.{v}": e["score"] for v, e in evals.items()})
         metrics["scores"] = [float(x) for x in main["scores"].tolist()]
         metrics.update({f"breakdown.{k}": float(v) for k, v in main.get("breakdown", {}).items()})
+    if final and bool(msg.content[CONFIG].get("export", False)):
+        from feddat.federation.export import client_export
+
+        tensors, meta = client_export(setup, index, state, global_state)
+        return _reply(msg, state_to_record(tensors), metrics, c.name, **{MODEL_META: json.dumps(meta)})
     return _reply(msg, None, metrics, c.name)
 
 
@@ -217,7 +228,7 @@ class FedDATStrategy(Strategy):
     and fills a `History` as the in-process engine does."""
 
     def __init__(self, cfg: RunConfig, nodes: dict[int, int], names: list[str], history: History,
-                 global_state: State | None, bar: tqdm | None = None):
+                 global_state: State | None, bar: tqdm | None = None, export: bool = False):
         self.cfg = cfg
         self.method = get_method(cfg.method)
         self.nodes = nodes                  # node id -> client index
@@ -227,6 +238,8 @@ class FedDATStrategy(Strategy):
         self.run_record = config_to_record(cfg)
         self.bar = bar
         self.final_evals: dict[str, dict] | None = None
+        self.export = export                # ask the clients for their models in the final evaluation
+        self.exports: dict[str, tuple[State, dict]] = {}   # client name -> (tensors, client.json)
         self._round_start = 0.0
         self._train: tuple[dict, dict, list[str]] = ({}, {}, [])
 
@@ -296,6 +309,7 @@ class FedDATStrategy(Strategy):
         if not self._evaluates(server_round):
             return []
         config["final"] = server_round == self.cfg.rounds
+        config["export"] = self.export and server_round == self.cfg.rounds
         return self._messages(server_round, arrays, config, MessageType.EVALUATE)
 
     def _final_eval(self, metrics: MetricRecord) -> dict[str, dict]:
@@ -306,6 +320,17 @@ class FedDATStrategy(Strategy):
             scores=torch.tensor(metrics["scores"], dtype=torch.float64),
             breakdown={k[len("breakdown."):]: float(v) for k, v in metrics.items() if k.startswith("breakdown.")})
         return out
+
+    def _export(self, reply: Message) -> tuple[State, dict]:
+        """A final evaluate reply's saved model: (tensors, client.json content)."""
+        index = int(reply.content[METRICS]["client-index"])
+        if ARRAYS not in reply.content or MODEL_META not in reply.content[CLIENT]:
+            raise FedDATError(f"client {self.names[index]} sent no model in its final evaluation")
+        tensors = record_to_state(reply.content[ARRAYS]) or {}
+        meta = json.loads(str(reply.content[CLIENT][MODEL_META]))
+        if meta.get("client") != self.names[index]:
+            raise FedDATError(f"client {self.names[index]} sent the model of client {meta.get('client')!r}")
+        return tensors, meta
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         ok, errors = self._valid(replies, "evaluate")
@@ -318,6 +343,9 @@ class FedDATStrategy(Strategy):
             scores = {name: float(metrics["score"]) for name, metrics in named.items()}
             if server_round == self.cfg.rounds:
                 self.final_evals = {name: self._final_eval(metrics) for name, metrics in named.items()}
+                if self.export:
+                    self.exports = {name: self._export(m) for m in ok
+                                    for name in [self.names[int(m.content[METRICS]["client-index"])]]}
         train, bytes_sent, missing = self._train
         self.history.add_round(server_round - 1, train, scores, bytes_sent, time.time() - self._round_start, missing)
         if self.bar is not None:
@@ -361,17 +389,34 @@ def _describe(grid: Grid, node_ids: list[int], cfg: RunConfig, n: int):
 
 def serve(grid: Grid, cfg: RunConfig, out_dir: Path | None = None, progress: bool = True,
           t_start: float | None = None) -> dict:
-    """The whole run on the server side; returns History.data (and saves results.json to out_dir if given)."""
+    """The whole run on the server side; returns History.data. With out_dir: saves results.json and the
+    clients' models (clients/) there, and the tracker's logs."""
+    from feddat.eval.tracking import open_tracker
+
     t_start = time.time() if t_start is None else t_start
     cfg = replace(cfg, engine="flower").validate()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    tracker = open_tracker(cfg.tracker, out_dir, cfg.to_dict())
+    ok = False
+    try:
+        data = _serve(grid, cfg, out_dir, progress, t_start, tracker)
+        ok = True
+        return data
+    finally:
+        if tracker is not None:
+            tracker.close(ok)
+
+
+def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_start: float, tracker) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     method = get_method(cfg.method)
     n = len(BENCHMARKS[cfg.benchmark]())
     nodes, names, label_spaces, initial = _describe(grid, _wait_for_nodes(grid, n), cfg, n)
     history = History(cfg.to_dict(), names, label_spaces)
+    history.attach(tracker)
     bar = tqdm(total=cfg.rounds, desc=cfg.method, unit="round", disable=not progress)
-    strategy = FedDATStrategy(cfg, nodes, names, history, initial, bar)
+    strategy = FedDATStrategy(cfg, nodes, names, history, initial, bar, export=out_dir is not None)
     try:
         strategy.start(grid, state_to_record(initial), num_rounds=cfg.rounds, timeout=TIMEOUT_S,
                        train_config=ConfigRecord(), evaluate_config=ConfigRecord())
@@ -381,6 +426,12 @@ def serve(grid: Grid, cfg: RunConfig, out_dir: Path | None = None, progress: boo
         raise FedDATError("the run ended without a final evaluation")
     finish_history(history, method, strategy.final_evals, time.time() - t_start)
     if out_dir is not None:
+        from feddat.federation.export import save_clients
+
+        missing = [n for n in names if n not in strategy.exports]
+        if missing:
+            raise FedDATError(f"no saved model came back from client(s) {', '.join(missing)}")
+        save_clients(out_dir, strategy.exports)
         history.save(out_dir)
     return history.data
 

@@ -88,14 +88,40 @@ def final_report(setup: Setup, history: History, states, global_state, wall: flo
     finish_history(history, method, evals, wall)
 
 
+def save_client_models(setup: Setup, out_dir: Path, states: dict[str, State], global_state: State | None) -> None:
+    """Every client's personalised model under out_dir/clients/<client>/ (see feddat.federation.export)."""
+    from feddat.federation.export import client_export, save_clients
+
+    save_clients(out_dir, {c.name: client_export(setup, i, states[c.name], global_state)
+                           for i, c in enumerate(setup.clients)})
+
+
 def run(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True) -> dict:
+    """Train and score every client. With out_dir: results.json, the saved client models (clients/) and the
+    tracker's logs go there."""
+    from feddat.eval.tracking import open_tracker
+
     t_start = time.time()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    tracker = open_tracker(cfg.tracker, out_dir, cfg.to_dict())
+    ok = False
+    try:
+        data = _run(cfg, out_dir, progress, tracker, t_start)
+        ok = True
+        return data
+    finally:
+        if tracker is not None:
+            tracker.close(ok)
+
+
+def _run(cfg: RunConfig, out_dir: Path | None, progress: bool, tracker, t_start: float) -> dict:
     setup = build(cfg)
     worker, clients = setup.worker, setup.clients
     torch.manual_seed(cfg.seed)
     states = {c.name: worker.initial_state(i, len(c.answers), cfg.seed) for i, c in enumerate(clients)}
     global_state = worker.initial_global(cfg.seed)
     history = History(cfg.to_dict(), [c.name for c in clients], {c.name: c.answers for c in clients})
+    history.attach(tracker)
     steps = cfg.rounds * sum(worker.steps_per_round(len(c.train)) for c in clients)
     bar = tqdm(total=steps, desc=f"{cfg.method}", unit="step", disable=not progress)
     order_rng = np.random.default_rng(mix_seed(cfg.seed, 0x0DE))
@@ -123,5 +149,6 @@ def run(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True) -> d
     bar.close()
     final_report(setup, history, states, global_state, time.time() - t_start)
     if out_dir is not None:
+        save_client_models(setup, out_dir, states, global_state)
         history.save(out_dir)
     return history.data

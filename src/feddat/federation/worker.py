@@ -142,14 +142,35 @@ class Worker:
     def steps_per_round(self, n_train: int) -> int:
         return self.local.local_epochs * self.method.epochs_factor * -(-n_train // self.local.batch_size)
 
+    # ----- scoring and prediction -----
+    def prepare_eval(self, state: State, global_state: State | None, n_answers: int,
+                     newest_global: bool = True) -> AnswerHead:
+        """Load a client's model as it is scored: its state, the global adapter and the method's eval-time
+        preparation (FedDAT's frozen copy); returns the head in eval mode."""
+        head = self._load(state, global_state, n_answers)
+        head.eval()
+        self.method.prepare_eval(self.model, newest_global)
+        return head
+
+    @torch.no_grad()
+    def export(self, state: State, global_state: State | None, n_answers: int, newest_global: bool = True) -> State:
+        """The client's personalised model as scored: every named adapter (`adapter.<name>.<layer>.<param>`,
+        the global one and FedDAT's frozen copy as prepared for evaluation) and the head (`head.<param>`)."""
+        head = self.prepare_eval(state, global_state, n_answers, newest_global)
+        out: State = {}
+        for name in self.method.adapters:
+            for k, v in self.model.adapter_state(name).items():
+                out[f"adapter.{name}.{k}"] = v.detach().cpu().contiguous()
+        for k, v in head.state_dict().items():
+            out[f"head.{k}"] = v.detach().cpu().contiguous().clone()
+        return out
+
     @torch.no_grad()
     def evaluate(self, data: ClientData, state: State, global_state: State | None, split: str = "test",
                  views: tuple[str, ...] | None = None, newest_global: bool = True,
                  batch_size: int = 256) -> dict[str, dict]:
         """{view: {"score": mean, "scores": per-item tensor, "predictions": per-item answer index}}."""
-        head = self._load(state, global_state, len(data.answers))
-        head.eval()
-        self.method.prepare_eval(self.model, newest_global)
+        head = self.prepare_eval(state, global_state, len(data.answers), newest_global)
         views = views or (self.method.predict_view,)
         part: Split = getattr(data, split)
         out = {}

@@ -1,0 +1,273 @@
+"""Use what was trained: load a saved client model, predict answers, re-score a run's clients.
+
+    model = feddat.load_client("runs/feddat", "clipart")            # CPU; device="cuda" for a GPU
+    model.predict([image], ["what color is the circle ?"], top_k=3)  # [[(answer, prob), ...]]
+
+A saved client (`DIR/clients/<client>/`, written by `feddat run --out DIR`, see feddat.federation.export) is
+rebuilt on its backbone exactly as it was scored: the same adapters, head, view and preprocessing
+(`pixel_tensor`, the backbone's tokenizer at its max_position_embeddings), so predictions match the run's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from feddat.errors import FedDATError
+from feddat.federation.export import backbone_record, read_client, saved_clients
+
+EMBEDDED = "embedded"
+
+
+def _backbone_path(meta: dict[str, Any], model_path: str | Path | None) -> str | None:
+    """The backbone to load: the argument if given, else the one client.json names (None = embedded)."""
+    chosen = str(model_path) if model_path is not None else meta["backbone"]["model_path"]
+    return None if chosen == EMBEDDED else chosen
+
+
+def check_backbone(meta: dict[str, Any], model_path: str | None, backbone, where: str) -> None:
+    """FedDATError naming what differs between the backbone loaded and the one the client was trained on."""
+    want = meta["backbone"]
+    have = backbone_record(model_path, backbone)
+    shown = have["model_path"]
+    if want.get("sha256") and have["sha256"] and want["sha256"] != have["sha256"]:
+        raise FedDATError(
+            f"backbone {shown} is not the one {where} was trained on: its {have['weights_file']} has sha256 "
+            f"{have['sha256'][:16]}..., client.json records {want['sha256'][:16]}... (trained on "
+            f"{want['model_path']}); pass that backbone with --model-path")
+    if want.get("sha256") and not have["sha256"]:
+        raise FedDATError(f"cannot verify backbone {shown}: no weights file found to compare with the sha256 in "
+                          f"client.json of {where}; pass the backbone's directory with --model-path")
+    for key in ("hidden_size", "num_layers", "image_size", "patch_size", "text_len"):
+        if key in want and want[key] != have[key]:
+            raise FedDATError(f"backbone {shown} has {key}={have[key]} but {where} was trained on one with "
+                              f"{key}={want[key]}; pass the backbone it was trained on with --model-path")
+
+
+def to_uint8_image(image, index: int = 0) -> np.ndarray:
+    """A PIL image or an HxWx3 uint8 array as an HxWx3 uint8 array."""
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise FedDATError(f"image {index} has shape {arr.shape}; expected HxWx3 (RGB)")
+    if arr.dtype != np.uint8:
+        raise FedDATError(f"image {index} is {arr.dtype}; expected uint8 pixels (0..255)")
+    return arr
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image file as an HxWx3 uint8 array; FedDATError for a missing or unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FedDATError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise FedDATError(f"image {path} is unreadable ({type(e).__name__}: {e})") from e
+
+
+def split_tensors(tensors: dict[str, torch.Tensor], shared: str | None) -> tuple[dict, dict | None]:
+    """Saved tensors as (client state, global adapter) the way a Worker takes them."""
+    if not shared:
+        return dict(tensors), None
+    prefix = f"adapter.{shared}."
+    state = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+    global_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return state, global_state
+
+
+class ClientModel:
+    """One client's personalised model, ready for inference: `.answers`, `.predict(...)`, `.evaluate(...)`."""
+
+    def __init__(self, worker, tokenizer, meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str):
+        self.worker = worker
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.name: str = meta["client"]
+        self.method: str = meta["method"]
+        self.answers: list[str] = list(meta["answers"])
+        self.predict_view: str = meta["predict_view"]
+        self.views: list[str] = list(meta["views"])
+        self.newest_global = meta["eval_frozen"] == "newest"
+        config = worker.model.backbone.config
+        self.image_size: int = config.image_size
+        self.text_len: int = config.max_position_embeddings
+        self.device = worker.device
+        self._check_tensors(tensors, where)
+        self.state, self.global_state = split_tensors(tensors, worker.method.shared)
+        self._load()
+
+    def _check_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
+        expected = {f"adapter.{n}.{k}": v.shape for n in self.worker.method.adapters
+                    for k, v in self.worker.model.adapter_state(n).items()}
+        dim = self.worker.dim
+        expected.update({"head.net.0.weight": (2 * dim, dim), "head.net.0.bias": (2 * dim,),
+                         "head.net.1.weight": (2 * dim,), "head.net.1.bias": (2 * dim,),
+                         "head.net.3.weight": (len(self.answers), 2 * dim), "head.net.3.bias": (len(self.answers),)})
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise FedDATError(f"{where} does not fit a {self.method} client on this backbone: "
+                              + "; ".join(p for p in (f"missing {missing[:4]}" if missing else "",
+                                                      f"unexpected {extra[:4]}" if extra else "") if p))
+        for k, shape in expected.items():
+            if tuple(tensors[k].shape) != tuple(shape):
+                raise FedDATError(f"{where}: tensor {k} has shape {tuple(tensors[k].shape)}, but this backbone and "
+                                  f"client.json need {tuple(shape)}: the backbone is not the one it was trained on")
+
+    def _load(self) -> None:
+        self.head = self.worker.prepare_eval(self.state, self.global_state, len(self.answers), self.newest_global)
+
+    def _view(self, view: str | None) -> str:
+        view = self.predict_view if view is None else view
+        if view not in self.views:
+            raise FedDATError(f"client {self.name} ({self.method}) has no view {view!r}; choose one of "
+                              f"{', '.join(self.views)}")
+        return view
+
+    def _pixels(self, images: Sequence) -> torch.Tensor:
+        arrays = [to_uint8_image(img, i) for i, img in enumerate(images)]
+        for i, a in enumerate(arrays):
+            if a.shape[:2] != (self.image_size, self.image_size):
+                raise FedDATError(f"image {i} is {a.shape[1]}x{a.shape[0]} pixels; this backbone takes "
+                                  f"{self.image_size}x{self.image_size} images")
+        from feddat.data.pool import pixel_tensor
+
+        return pixel_tensor(np.stack(arrays)) if arrays else torch.zeros(0, 3, self.image_size, self.image_size)
+
+    @torch.no_grad()
+    def logits(self, images: Sequence, questions: Sequence[str], view: str | None = None,
+               batch_size: int = 256) -> torch.Tensor:
+        """(n, answers) logits of the answer head under `view` (default: the method's predicting view)."""
+        from feddat.data.pool import tokenize
+        from feddat.models.vl import pooled_features
+
+        if isinstance(questions, str):
+            raise FedDATError("questions must be a list of strings, one per image")
+        if len(images) != len(questions):
+            raise FedDATError(f"{len(images)} images but {len(questions)} questions; give one question per image")
+        view = self._view(view)
+        pixels = self._pixels(images)
+        ids, mask = tokenize(self.tokenizer, list(questions), self.text_len)
+        self._load()
+        self.worker.model.set_view(view)
+        out = []
+        for start in range(0, len(questions), batch_size):
+            sl = slice(start, start + batch_size)
+            batch = {"input_ids": ids[sl].to(self.device), "attention_mask": mask[sl].to(self.device),
+                     "pixel_values": pixels[sl].to(self.device)}
+            out.append(self.head(pooled_features(self.worker.model, batch)).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(self.answers))
+
+    def predict(self, images: Sequence, questions: Sequence[str], view: str | None = None,
+                top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """The top_k answers with their probabilities (softmax over the client's label space), per question."""
+        if not isinstance(top_k, int) or top_k < 1:
+            raise FedDATError(f"top-k must be a positive integer, got {top_k!r}")
+        probs = torch.softmax(self.logits(images, questions, view), dim=-1)
+        k = min(top_k, len(self.answers))
+        values, indices = probs.topk(k, dim=-1)
+        return [[(self.answers[int(i)], float(p)) for p, i in zip(vs, ix)] for vs, ix in zip(values, indices)]
+
+    def evaluate(self, data, views: Iterable[str] | None = None, split: str = "test") -> dict[str, dict]:
+        """Scores on a ClientData split, as Worker.evaluate (and so the run) computes them."""
+        if list(data.answers) != self.answers:
+            raise FedDATError(f"the regenerated data of client {self.name} has another label space than the saved "
+                              "model: the benchmark, seed or sizes differ from the run's")
+        views = tuple(self._view(v) for v in views) if views is not None else (self.predict_view,)
+        out = self.worker.evaluate(data, self.state, self.global_state, split, views,
+                                   newest_global=self.newest_global)
+        self._load()
+        return out
+
+
+def _build(meta: dict[str, Any], backbone, tokenizer, device):
+    from feddat.algorithms.base import LocalConfig
+    from feddat.algorithms.registry import get_method
+    from feddat.federation.worker import Worker
+
+    method = get_method(meta["method"])
+    if list(method.adapters) != list(meta["adapters"]["names"]):
+        raise FedDATError(f"client.json names adapters {meta['adapters']['names']} but method {method.name} "
+                          f"now has {list(method.adapters)}")
+    return Worker(method, backbone, int(meta["adapters"]["reduction"]), LocalConfig(), device)
+
+
+def load_client(run_dir: str | Path, client: str, model_path: str | Path | None = None,
+                device: str | torch.device = "cpu") -> ClientModel:
+    """A saved client's model from `run_dir` (a `feddat run --out`), on `device`.
+
+    The backbone is `model_path` if given ("embedded" for the embedded one), else the one client.json names;
+    it must be the backbone the client was trained on (same weights checksum and shape), else FedDATError.
+    """
+    from feddat.models.backbone import load_backbone
+
+    tensors, meta = read_client(Path(run_dir), client)
+    where = f"client {client} of {run_dir}"
+    path = _backbone_path(meta, model_path)
+    backbone, tokenizer = load_backbone(path, device)
+    check_backbone(meta, path, backbone, where)
+    return ClientModel(_build(meta, backbone, tokenizer, device), tokenizer, meta, tensors, where)
+
+
+def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, model_path: str | Path | None = None,
+                 cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = False) -> dict:
+    """Re-score a run's saved clients on their own test split, regenerated from the run's config (benchmark,
+    seed, sizes). Returns a results-like dict (config, clients, label_spaces, final, wall_seconds, run_dir)."""
+    from feddat.algorithms.registry import get_method
+    from feddat.config import RunConfig
+    from feddat.data.benchmarks import load_benchmark
+    from feddat.eval.results import History
+    from feddat.federation.inprocess import default_cache_dir, finish_history, reported_views
+    from feddat.models.backbone import load_backbone
+
+    t_start = time.time()
+    run_dir = Path(run_dir)
+    results_path = run_dir / "results.json"
+    try:
+        results = json.loads(results_path.read_text())
+        cfg = RunConfig.from_dict(results["config"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise FedDATError(f"{results_path} is missing or unreadable ({e}); pass the --out of a `feddat run`") from e
+    names = list(clients) if clients else list(results["clients"])
+    unknown = [n for n in names if n not in results["clients"]]
+    if unknown:
+        raise FedDATError(f"the run has no client {unknown[0]!r}; its clients: {', '.join(results['clients'])}")
+    saved = {n: read_client(run_dir, n) for n in names}
+    first_meta = saved[names[0]][1]
+    path = _backbone_path(first_meta, model_path)
+    backbone, tokenizer = load_backbone(path, device)
+    cache = Path(cache_dir) if cache_dir else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    data = {c.name: c for c in load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer,
+                                              backbone.config.max_position_embeddings, cache)}
+    worker = _build(first_meta, backbone, tokenizer, device)
+    method = get_method(cfg.method)
+    views = reported_views(method)
+    evals = {}
+    from tqdm import tqdm
+
+    for name in tqdm(names, desc="eval", unit="client", disable=not progress):
+        tensors, meta = saved[name]
+        where = f"client {name} of {run_dir}"
+        if meta["method"] != cfg.method:
+            raise FedDATError(f"{where} was saved by method {meta['method']}, results.json says {cfg.method}")
+        check_backbone(meta, path, backbone, where)
+        model = ClientModel(worker, tokenizer, meta, tensors, where)
+        evals[name] = model.evaluate(data[name], views)
+    history = History(results["config"], names, {n: saved[n][1]["answers"] for n in names})
+    finish_history(history, method, evals, time.time() - t_start)
+    out = dict(history.data)
+    out.pop("rounds")
+    out["run_dir"] = str(run_dir)
+    return out
+
+
+__all__ = ["ClientModel", "load_client", "evaluate_run", "read_image", "saved_clients"]
