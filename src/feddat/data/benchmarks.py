@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from feddat.data.pool import Records, generate, pixel_tensor, tokenize
-from feddat.data.questions import QTYPES
+from feddat.data.questions import QTYPES, SYNONYMS
 from feddat.data.world import COLORS, SHAPES
 from feddat.errors import FedDATError
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class ClientSpec:
     dialect: dict[str, str] = field(default_factory=dict)
     prior_alpha: float = 2.0  # Dirichlet concentration of this client's colour and shape priors
     synonym_p: float = 0.0    # chance that a colour or shape word is said with a word unseen in pretraining
+    train_synonyms: tuple[str, ...] | None = None  # the synonyms this client's own train/val data use (None: all)
 
 
 def _swap(a: str, b: str) -> dict[str, str]:
@@ -39,9 +40,9 @@ def _swap(a: str, b: str) -> dict[str, str]:
 def domain_clients(shared_skill: bool = True, conflicting_shifts: bool = True) -> list[ClientSpec]:
     """Five clients, one image domain each, with their own question mix and word meanings.
 
-    - shared skill: words absent from pretraining (synonyms of colours and shapes, `SYNONYMS`), used by
-      every client for a share of its mentions: each client sees each new word a few times, the federation
-      sees it five times as often;
+    - shared skill: words absent from pretraining (synonyms of colours and shapes, `SYNONYMS`). Every
+      client's test questions use all of them; its own training data use only a few (each word appears in
+      two clients' training data), so only the federation has seen every word;
     - conflicting shifts: each client's own word meanings (dialect, a swap of two words) that contradict
       other clients' (two clients swap red with different colours, two swap circle with different shapes).
     The two switches exist to ablate the benchmark itself.
@@ -62,10 +63,12 @@ def domain_clients(shared_skill: bool = True, conflicting_shifts: bool = True) -
         _swap("blue", "green"),
     ]
     names = ["clipart", "textured", "night", "sketch", "blurry"]
+    words = list(SYNONYMS)
     clients = []
-    for name, mix, dialect in zip(names, mixes, dialects):
+    for i, (name, mix, dialect) in enumerate(zip(names, mixes, dialects)):
+        seen = tuple(w for j, w in enumerate(words) if (j - i) % len(names) in (0, 1))
         clients.append(ClientSpec(name=name, styles=(name,), qtype_weights=dict(mix), synonym_p=synonym_p,
-                                  dialect=dialect if conflicting_shifts else {}))
+                                  train_synonyms=seen, dialect=dialect if conflicting_shifts else {}))
     return clients
 
 
@@ -131,8 +134,10 @@ def _client_records(spec: ClientSpec, seed: int, index: int, sizes: Sizes) -> di
     w = np.asarray([spec.qtype_weights[q] for q in qtypes], dtype=float)
     out = {}
     for split in ("train", "val", "test"):
+        allowed = None if split == "test" else spec.train_synonyms
         out[split] = generate(rng, getattr(sizes, split), list(spec.styles), qtypes, w / w.sum(),
-                              color_p=color_p, shape_p=shape_p, dialect=spec.dialect, synonym_p=spec.synonym_p)
+                              color_p=color_p, shape_p=shape_p, dialect=spec.dialect, synonym_p=spec.synonym_p,
+                              synonyms=allowed)
     return out
 
 

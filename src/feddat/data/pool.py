@@ -31,7 +31,8 @@ class Records:
 
 def generate(rng: np.random.Generator, n_questions: int, styles: list[str], qtypes: list[str],
              qtype_p: np.ndarray | None = None, questions_per_image: int = 1,
-             color_p=None, shape_p=None, dialect=None, palette=None, synonym_p: float = 0.0) -> Records:
+             color_p=None, shape_p=None, dialect=None, palette=None, synonym_p: float = 0.0,
+             synonyms: tuple[str, ...] | None = None) -> Records:
     """`n_questions` records over fresh scenes; each image carries up to `questions_per_image` questions."""
     images, pcol, pshp, index, qs, ans, types, shifted, synonym = [], [], [], [], [], [], [], [], []
     while len(qs) < n_questions:
@@ -42,7 +43,7 @@ def generate(rng: np.random.Generator, n_questions: int, styles: list[str], qtyp
             if added == questions_per_image or len(qs) == n_questions:
                 break
             qtype = qtypes[rng.choice(len(qtypes), p=qtype_p)]
-            qa = ask(scene, qtype, rng, dialect, synonym_p)
+            qa = ask(scene, qtype, rng, dialect, synonym_p, synonyms)
             if qa is None:
                 continue
             qs.append(qa[0])

@@ -47,12 +47,13 @@ class Question(tuple):
 
 
 def ask(scene: Scene, qtype: str, rng: np.random.Generator, dialect: dict[str, str] | None = None,
-        synonym_p: float = 0.0) -> Question | None:
+        synonym_p: float = 0.0, synonyms: tuple[str, ...] | None = None) -> Question | None:
     """One (question, answer) about `scene`, or None when the scene cannot support this type.
 
     `dialect` renames words for this client: a word's meaning changes in both questions and answers,
     so the remap must happen inside the model (a personal head cannot undo it for yes/no answers).
-    `synonym_p`: the chance that a colour or shape word in the question is said with its synonym.
+    `synonym_p`: the chance that a colour or shape word in the question is said with a synonym, drawn from
+    `synonyms` (default: all of `SYNONYMS`).
     """
     result = _ask(scene, qtype, rng, dialect or {})
     if result is None:
@@ -64,8 +65,8 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, dialect: dict[str, s
     if synonym_p > 0:
         words = question.split()
         for i, w in enumerate(words):
-            if w in _SURFACE and rng.random() < synonym_p:
-                options = _SURFACE[w]
+            options = [o for o in _SURFACE.get(w, ()) if synonyms is None or o in synonyms]
+            if options and rng.random() < synonym_p:
                 words[i] = options[rng.integers(len(options))]
                 tags.add("synonym")
         question = " ".join(words)
