@@ -51,6 +51,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=1, help="score every N rounds (the last round always)")
     p.add_argument("--local-epochs", type=int, default=RunConfig.local_epochs)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other RunConfig field, e.g. --set lr_adapter=0.01 (repeatable)")
     p.add_argument("--model-path", default=None, help="backbone directory (default: the embedded one)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -59,7 +61,9 @@ def main() -> None:
     out = Path(args.out)
     summary = []
     for bench in args.benchmarks.split(","):
-        base = RunConfig(benchmark=bench, rounds=args.rounds, threads=args.threads, model_path=args.model_path,
+        extra = {k: type(getattr(RunConfig(), k) if getattr(RunConfig(), k) is not None else "")(v)
+                 for k, v in (kv.split("=", 1) for kv in args.set)}
+        base = RunConfig(benchmark=bench, **extra, rounds=args.rounds, threads=args.threads, model_path=args.model_path,
                          eval_every=args.eval_every, local_epochs=args.local_epochs).validate()
         table = run_comparison(base, methods, seeds, out / bench, progress=not args.quiet)
         md = (out / bench / "table.md").read_text()

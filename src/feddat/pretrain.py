@@ -72,6 +72,25 @@ class PretrainModel(nn.Module):
         return self.answer_head(pooled), self.color_head(patches), self.shape_head(patches), self.cell_head(patches)
 
 
+def reinit_unseen_words(backbone, tokenizer, seen: set[str], seed: int) -> list[str]:
+    """Give words that never occurred in pretraining random embeddings at the norm of the trained ones.
+
+    Such words keep their tiny initial embeddings otherwise (no gradient ever reaches them), which makes them
+    nearly indistinguishable from one another once layer norm is applied: a later finetuning could not learn
+    them. Returns the words re-drawn.
+    """
+    emb = backbone.embeddings.text_embeddings.word_embeddings.weight
+    vocab = tokenizer.get_vocab()
+    unseen = sorted(w for w in vocab if w not in seen and not w.startswith("["))
+    trained = [vocab[w] for w in seen if w in vocab]
+    target = emb.data[trained].norm(dim=1).mean()
+    g = torch.Generator().manual_seed(seed)
+    for w in unseen:
+        v = torch.randn(emb.shape[1], generator=g)
+        emb.data[vocab[w]] = v / v.norm() * target
+    return unseen
+
+
 def _resumable(config: dict) -> dict:
     """The settings a checkpoint must share with the config that resumes it (threads may differ)."""
     return {k: v for k, v in config.items() if k != "threads"}
@@ -94,6 +113,7 @@ def _pool(cfg: PretrainConfig, seed: int, n_questions: int, tokenizer, answers: 
         "attention_mask": mask,
         "labels": torch.tensor([lookup[a] for a in rec.answers]),
         "qtypes": np.asarray(rec.qtypes),
+        "questions": rec.questions,
     }
 
 
@@ -203,12 +223,15 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
             tmp.replace(ckpt)
     bar.close()
     final = evaluate(model, eval_pool)
+    seen_words = {w for q in train_pool["questions"] for w in q.split()}
+    redrawn = reinit_unseen_words(backbone, tokenizer, seen_words, cfg.seed)
     final_dir = out / "backbone"
     if final_dir.exists():
         shutil.rmtree(final_dir)
     backbone.save_pretrained(final_dir)
     tokenizer.save_pretrained(final_dir)
     info = {"config": asdict(cfg), "eval": final, "history": history, "torch_threads": torch.get_num_threads(),
+            "words_unseen_in_pretraining": redrawn,
             "seconds": history[-1]["seconds"] if history else None}
     (final_dir / "pretrain_report.json").write_text(json.dumps(info, indent=2))
     write_checksums(final_dir)

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from feddat.data.pool import Records, generate, pixel_tensor, tokenize
-from feddat.data.questions import QTYPES, SYNONYMS
+from feddat.data.questions import QTYPES
 from feddat.data.world import COLORS, SHAPES
 from feddat.errors import FedDATError
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -30,24 +30,28 @@ class ClientSpec:
     dialect: dict[str, str] = field(default_factory=dict)
     prior_alpha: float = 2.0  # Dirichlet concentration of this client's colour and shape priors
     synonym_p: float = 0.0    # chance that a colour or shape word is said with a word unseen in pretraining
-    train_synonyms: tuple[str, ...] | None = None  # the synonyms this client's own train/val data use (None: all)
+    train_synonyms: tuple[str, ...] | None = None  # the new words this client's own train/val data use
+    test_synonyms: tuple[str, ...] | None = None   # the new words its test data use (None: all of SYNONYMS)
 
 
 def _swap(a: str, b: str) -> dict[str, str]:
     return {a: b, b: a}
 
 
+SHARED_WORDS = ("crimson", "navy", "ball", "box")
+
+
 def domain_clients(shared_skill: bool = True, conflicting_shifts: bool = True) -> list[ClientSpec]:
     """Five clients, one image domain each, with their own question mix and word meanings.
 
-    - shared skill: words absent from pretraining (synonyms of colours and shapes, `SYNONYMS`). Every
-      client's test questions use all of them; its own training data use only a few (each word appears in
-      two clients' training data), so only the federation has seen every word;
+    - shared skill: four words absent from pretraining (synonyms of red, blue, circle and square). Every
+      client's test questions use all four; its own training data use only two of them (each word appears in
+      two or three clients' training data), so only the federation has seen every word;
     - conflicting shifts: each client's own word meanings (dialect, a swap of two words) that contradict
       other clients' (two clients swap red with different colours, two swap circle with different shapes).
     The two switches exist to ablate the benchmark itself.
     """
-    synonym_p = 0.3 if shared_skill else 0.0
+    synonym_p = 0.6 if shared_skill else 0.0
     mixes = [
         {"color": 0.25, "shape": 0.2, "exist": 0.3, "where": 0.15, "size": 0.1},
         {"color": 0.15, "shape": 0.3, "exist": 0.2, "where": 0.15, "size": 0.2},
@@ -63,12 +67,13 @@ def domain_clients(shared_skill: bool = True, conflicting_shifts: bool = True) -
         _swap("blue", "green"),
     ]
     names = ["clipart", "textured", "night", "sketch", "blurry"]
-    words = list(SYNONYMS)
+    words = SHARED_WORDS
     clients = []
     for i, (name, mix, dialect) in enumerate(zip(names, mixes, dialects)):
-        seen = tuple(w for j, w in enumerate(words) if (j - i) % len(names) in (0, 1))
+        seen = (words[i % len(words)], words[(i + 1) % len(words)])
         clients.append(ClientSpec(name=name, styles=(name,), qtype_weights=dict(mix), synonym_p=synonym_p,
-                                  train_synonyms=seen, dialect=dialect if conflicting_shifts else {}))
+                                  train_synonyms=seen, test_synonyms=words,
+                                  dialect=dialect if conflicting_shifts else {}))
     return clients
 
 
@@ -134,7 +139,7 @@ def _client_records(spec: ClientSpec, seed: int, index: int, sizes: Sizes) -> di
     w = np.asarray([spec.qtype_weights[q] for q in qtypes], dtype=float)
     out = {}
     for split in ("train", "val", "test"):
-        allowed = None if split == "test" else spec.train_synonyms
+        allowed = spec.test_synonyms if split == "test" else spec.train_synonyms
         out[split] = generate(rng, getattr(sizes, split), list(spec.styles), qtypes, w / w.sum(),
                               color_p=color_p, shape_p=shape_p, dialect=spec.dialect, synonym_p=spec.synonym_p,
                               synonyms=allowed)

@@ -48,13 +48,14 @@ class History:
             listener.on_start(self.data)
 
     def add_round(self, round_idx: int, train: dict[str, dict], scores: dict[str, float] | None,
-                  bytes_sent: dict[str, int], seconds: float, missing: list[str] | None = None) -> None:
+                  bytes_sent: dict[str, int], seconds: float, extra: dict[str, Any] | None = None) -> None:
+        """One round entry; `extra` adds the server's record of faults and screening (`missing_clients`,
+        `rejected_clients`: {client: reason}, `update_norms`, `attempts`, `aggregated_clients`, `dp`)."""
         entry = {"round": round_idx, "train": train, "bytes_sent": bytes_sent, "seconds": round(seconds, 3)}
         if scores is not None:
             entry["test"] = scores
             entry["avg_score"] = sum(scores.values()) / len(scores)
-        if missing:
-            entry["missing_clients"] = missing
+        entry.update(extra or {})
         self.data["rounds"].append(entry)
         for listener in self.listeners:
             listener.on_round(entry)
