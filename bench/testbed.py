@@ -5,8 +5,8 @@
         --methods feddat,fedavg-adapter,fedavg-adapter-2x,local-adapter,head-only
 
 Prints and writes, per benchmark, the comparison table (runs/testbed/<benchmark>/table.md|json) and a
-breakdown by question kind (the counting skill; questions with client-specific word meanings), averaged
-over clients and seeds, to runs/testbed/summary.md. Finished runs are reused when restarted.
+breakdown by question kind (new words: the shared skill; words with client-specific meanings), averaged
+over clients and seeds, to runs/testbed/<benchmark>/summary.md. Finished runs are reused when restarted.
 """
 
 from __future__ import annotations
@@ -67,11 +67,13 @@ def main() -> None:
                          eval_every=args.eval_every, local_epochs=args.local_epochs).validate()
         table = run_comparison(base, methods, seeds, out / bench, progress=not args.quiet)
         md = (out / bench / "table.md").read_text()
-        summary += [f"## {bench}", "", md, "Mean over clients and seeds (± s.e. over seeds):", "",
-                    "| method | new words (shared skill) | client-specific meanings | other meanings |", "|---|---|---|---|"]
-        summary += breakdown_rows(out / bench, methods, seeds) + [""]
-        print("\n".join(summary[-(len(methods) + 8):]))
-        (out / "summary.md").write_text("\n".join(summary) + "\n")
+        part = [f"## {bench} (seeds {args.seeds})", "", md,
+                "Mean over clients and seeds (± s.e. over seeds) by kind of question:", "",
+                "| method | new words (shared skill) | client-specific meanings | other meanings |",
+                "|---|---|---|---|"] + breakdown_rows(out / bench, methods, seeds) + [""]
+        print("\n".join(part))
+        (out / bench / "summary.md").write_text("\n".join(part) + "\n")
+        summary += part
         del table
 
 

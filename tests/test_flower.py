@@ -71,3 +71,68 @@ def test_flower_matches_inprocess(tiny_config, tmp_path):
     assert gf.get("breakdown", {}).keys() == rf.get("breakdown", {}).keys()
     for client in rf.get("breakdown", {}):
         assert _close(gf["breakdown"][client], rf["breakdown"][client]), client
+
+
+@pytest.mark.integration
+def test_flower_faults_and_dp_match_inprocess(tiny_config):
+    """Crashed, flaky (retried) and hostile clients and central DP: both engines leave out, reject, retry and
+    aggregate alike."""
+    from feddat.federation.flower_app import run_flower
+    from feddat.federation.inprocess import run
+
+    cfg = tiny_config(method="feddat", aggregation="equal", min_clients=4, round_retries=1, dp_clip=0.2,
+                      dp_noise_multiplier=0.5,
+                      fault_injection="crash:textured@2,flaky:clipart@1,nan:night@1,signflip:blurry")
+    ref = run(cfg, progress=False)
+    got = run_flower(cfg, progress=False)
+    assert got["privacy"] == ref["privacy"]
+    for g, r in zip(got["rounds"], ref["rounds"]):
+        for key in ("missing_clients", "rejected_clients"):
+            assert g.get(key, {}).keys() == r.get(key, {}).keys(), (g["round"], key)
+        assert g.get("attempts") == r.get("attempts")
+        assert _close(g["update_norms"], r["update_norms"]) and g["bytes_sent"] == r["bytes_sent"]
+        assert g["dp"]["noise_std"] == r["dp"]["noise_std"] and g["dp"]["clipped_clients"] == r["dp"]["clipped_clients"]
+        for client in r["train"]:
+            assert _close(g["train"][client], r["train"][client]), (g["round"], client)
+        assert _close(g["test"], r["test"])
+    assert ref["rounds"][0]["attempts"] == 2 and set(ref["rounds"][0]["rejected_clients"]) == {"night"}
+    assert got["rounds"][1]["missing_clients"]["textured"] == "failed: injected crash of client textured in round 2"
+    assert _close(got["final"]["clients"], ref["final"]["clients"])
+
+
+@pytest.mark.integration
+def test_flower_round_failure_is_raised(tiny_config):
+    from feddat.errors import FedDATError
+    from feddat.federation.flower_app import run_flower
+
+    with pytest.raises(FedDATError, match="round 1 failed: 4 of 5 clients .* min-clients=5"):
+        run_flower(tiny_config(rounds=1, min_clients=5, fault_injection="crash:sketch@1"), progress=False)
+
+
+@pytest.mark.integration
+def test_flower_run_resumes_from_its_checkpoint(tiny_config, tmp_path):
+    """The server checkpoints every round; clients keep their private state in client-state-dir. A run whose
+    server died after the clients trained round 3 resumes after round 2 to the same numbers (the clients'
+    round-3 states on disk are not used; night, which crashed in round 3, reads its round-2 state)."""
+    import shutil
+
+    from feddat.errors import FedDATError
+    from feddat.federation.checkpoint import complete_checkpoints, load_checkpoint
+    from feddat.federation.flower_app import run_flower
+
+    cfg = tiny_config(rounds=3, client_state_dir=str(tmp_path / "states"), fault_injection="crash:night@3")
+    out = tmp_path / "run"
+    ref = run_flower(cfg, out_dir=out, progress=False)
+    assert [p.name for p in complete_checkpoints(out)] == ["round-0002", "round-0003"]
+    shutil.rmtree(complete_checkpoints(out)[-1])
+    (out / "results.json").unlink()
+    ck = load_checkpoint(out)
+    assert ck.round == 2 and ck.states == {} and ck.config["engine"] == "flower"
+    with pytest.raises(FedDATError, match="client-state-dir unset"):
+        run_flower(cfg.__class__(**{**cfg.to_dict(), "client_state_dir": None}), out_dir=out, resume=ck)
+    got = run_flower(cfg, out_dir=out, progress=False, resume=ck)
+    for key in ("clients", "label_spaces", "final"):
+        assert got[key] == ref[key], key
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
+    assert [strip(r) for r in got["rounds"]] == [strip(r) for r in ref["rounds"]]
+    assert set(got["rounds"][2]["missing_clients"]) == {"night"}

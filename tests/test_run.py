@@ -60,7 +60,12 @@ def test_cli_run_writes_results_and_curves(tiny_config, tmp_path, capsys):
     (["--method", "nope"], "unknown method 'nope'"),
     (["--rounds", "0"], "rounds must be a positive integer"),
     (["--lr-adapter", "-1"], "lr-adapter must be a positive number"),
-    (["--aggregation", "median"], "aggregation must be one of"),
+    (["--aggregation", "mean"], "aggregation must be one of"),
+    (["--aggregation", "krum", "--byzantine", "2"], "krum needs n > 2f + 2 clients"),
+    (["--aggregation", "bulyan"], "bulyan needs n >= 4f + 3 clients"),
+    (["--train-per-client", "0"], "train-per-client must be a positive integer"),
+    (["--fault-injection", "explode:night"], "unknown kind 'explode'"),
+    (["--dp-noise-multiplier", "1"], "dp-noise-multiplier needs dp-clip > 0"),
     (["--model-path", "/nonexistent/vilt"], "could not load a ViLT backbone"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(flags, message, tmp_path, capsys):
@@ -80,3 +85,28 @@ def test_unreadable_cache_is_reported(tiny_config, tmp_path, capsys):
     cache.write_bytes(b"not a zip file")
     with pytest.raises(Exception, match="unreadable.*delete it"):
         run(cfg, progress=False)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"rounds": "3"}, "rounds must be a positive integer, got '3'"),
+    ({"dp_clip": "1"}, "dp-clip must be a finite number >= 0 (0 = off), got '1'"),
+    ({"fault_injection": 3}, "fault-injection must be a string"),
+    ({"rouns": 3}, "unknown config keys ['rouns']"),
+])
+def test_config_file_of_wrong_types_is_refused(values, message, tmp_path, capsys):
+    (tmp_path / "cfg.json").write_text(json.dumps(values))
+    assert main(["run", "--out", str(tmp_path / "out"), "--quiet", "--config", str(tmp_path / "cfg.json")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_malformed_input_records_are_named(tmp_path):
+    from feddat.cli import _read_jsonl
+    from feddat.errors import FedDATError
+
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"image": "a.png", "question": "q"}\n{"image": "b.png"\n')
+    with pytest.raises(FedDATError, match="in.jsonl line 2 is not JSON"):
+        _read_jsonl(path)
+    path.write_text('{"image": "a.png", "question": "q"}\n\n{"image": 3, "question": "q"}\n')
+    with pytest.raises(FedDATError, match='line 3 needs string fields "image"'):
+        _read_jsonl(path)

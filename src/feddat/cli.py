@@ -26,6 +26,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def _config_from_args(args) -> "RunConfig":
     from feddat.config import RunConfig
 
+    return RunConfig.from_dict(_given_values(args))
+
+
+def _given_values(args) -> dict:
+    """The config values the user gave: the --config file, then the flags over it."""
+    from feddat.config import RunConfig
+
     values = {}
     if args.config:
         try:
@@ -38,7 +45,7 @@ def _config_from_args(args) -> "RunConfig":
         v = getattr(args, f.name)
         if v is not None:
             values[f.name] = v
-    return RunConfig.from_dict(values)
+    return values
 
 
 def _check_out_dir(out: Path, force: bool) -> None:
@@ -49,6 +56,10 @@ def _check_out_dir(out: Path, force: bool) -> None:
 
 
 def cmd_run(args) -> int:
+    if args.resume:
+        return _resume(args)
+    if not args.out:
+        raise FedDATError("feddat run needs --out DIR (or --resume DIR to go on with an interrupted run)")
     cfg = _config_from_args(args)
     out = Path(args.out)
     _check_out_dir(out, args.force)
@@ -57,12 +68,34 @@ def cmd_run(args) -> int:
     else:
         from feddat.federation.inprocess import run as runner
     results = runner(cfg, out_dir=out, progress=not args.quiet)  # writes results.json and clients/
+    _report(results, out)
+    return 0
+
+
+def _resume(args) -> int:
+    """Go on with the run in --resume DIR after its last complete checkpoint, with the config saved there."""
+    from feddat.federation.checkpoint import load_checkpoint, resume_config
+    from feddat.federation.inprocess import run
+
+    ck = load_checkpoint(Path(args.resume))
+    for problem in ck.skipped:
+        print(f"feddat: warning: {problem}; using the previous checkpoint {ck.path}", file=sys.stderr)
+    cfg = resume_config(ck.config, _given_values(args))
+    out = Path(args.out) if args.out else Path(args.resume)
+    _check_out_dir(out, args.force)
+    if cfg.engine == "flower":
+        from feddat.federation.flower_app import run_flower as run
+    results = run(cfg, out_dir=out, progress=not args.quiet, resume=ck)
+    _report(results, out)
+    return 0
+
+
+def _report(results: dict, out: Path) -> None:
     from feddat.eval.results import client_table, plot_curves
 
     plot_curves(results, out / "curves.png")
     print(client_table(results))
     print(f"\nwrote {out / 'results.json'}, {out / 'curves.png'} and the client models in {out / 'clients'}")
-    return 0
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -208,7 +241,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one federated training job and score every client")
-    run.add_argument("--out", required=True, help="directory for results.json and curves.png")
+    run.add_argument("--out", help="directory for results.json, curves.png, clients/ and checkpoint/ "
+                                    "(required unless --resume)")
+    run.add_argument("--resume", metavar="DIR", help="go on with the interrupted run in DIR from its last complete "
+                     "round (its checkpoint/); uses the config saved there (flags may only change threads, "
+                     "device, cache-dir, tracker, client-state-dir); writes to DIR unless --out is given")
     run.add_argument("--config", help="JSON file of config values (command-line flags win)")
     run.add_argument("--force", action="store_true", help="overwrite results already in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bars")

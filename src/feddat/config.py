@@ -49,6 +49,8 @@ class RunConfig:
     threads: int = 0                    # torch intra-op threads; 0 = torch's default
     cache_dir: str | None = None        # benchmark cache; None = ~/.cache/feddat
     tracker: str | None = None          # experiment tracker: tensorboard, mlflow or wandb; None = none
+    client_state_dir: str | None = None # Flower: where a node keeps its clients' private state after every
+                                        # round (node-local), so that the run can be resumed; None = in memory
 
     def validate(self) -> "RunConfig":
         from feddat.algorithms.registry import METHODS
@@ -124,6 +126,8 @@ class RunConfig:
         if self.dp_clip > 0 and self.aggregation not in MEAN_RULES:
             raise FedDATError(f"dp-clip works with the mean aggregations ({', '.join(MEAN_RULES)}), whose "
                               f"sensitivity to one client is bounded by the clip; got aggregation={self.aggregation}")
+        if self.client_state_dir is not None and not isinstance(self.client_state_dir, str):
+            raise FedDATError(f"client-state-dir must be a path, got {self.client_state_dir!r}")
         if not isinstance(self.fault_injection, str):
             raise FedDATError(f"fault-injection must be a string, got {self.fault_injection!r}")
         parse_faults(self.fault_injection, names, self.rounds)

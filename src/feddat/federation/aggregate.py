@@ -36,8 +36,9 @@ DP_DELTA = 1e-5   # the delta at which results.json reports epsilon
 
 # ----- validation -----
 def update_norm(update: Update, reference: Update) -> float:
-    """L2 norm of update - reference over every tensor (float64)."""
-    return math.sqrt(sum(float((update[k].double() - reference[k].double()).pow(2).sum()) for k in reference))
+    """L2 norm of update - reference over every tensor (float64, keys in sorted order: the same bits whatever
+    order a client or a checkpoint file lists them in)."""
+    return math.sqrt(sum(float((update[k].double() - reference[k].double()).pow(2).sum()) for k in sorted(reference)))
 
 
 def validate_update(update: Update, reference: Update, client: str, max_norm: float | None = None) -> None:
@@ -126,8 +127,9 @@ def bulyan_minimum(byzantine: int) -> int:
 def _records(updates: Sequence[Update]):
     from flwr.app import Array, ArrayRecord, RecordDict
 
-    return [RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(t.detach().cpu().numpy()))
-                                               for k, t in u.items()})}) for u in updates]
+    keys = sorted(updates[0])  # one order for all: Krum flattens each record in its own key order
+    return [RecordDict({"arrays": ArrayRecord({k: Array(np.ascontiguousarray(u[k].detach().cpu().numpy()))
+                                               for k in keys})}) for u in updates]
 
 
 def multikrum_select(updates: Sequence[Update], byzantine: int, keep: int) -> list[int]:
@@ -195,14 +197,15 @@ def clip_update(update: Update, reference: Update, clip: float) -> tuple[dict[st
     (Flower's `compute_clip_model_update`)."""
     from flwr.supercore.differential_privacy import compute_clip_model_update
 
-    keys = list(reference)
+    keys = sorted(reference)  # Flower sums the norm in list order: one order, the same bits on every engine
     norm = update_norm(update, reference)
     if norm == 0.0:  # Flower's clip divides by the norm
-        return {k: update[k].clone() for k in keys}, 0.0
+        return {k: update[k].clone() for k in reference}, 0.0
     sent = [update[k].detach().cpu().numpy().astype(np.float64) for k in keys]
     ref = [reference[k].detach().cpu().numpy().astype(np.float64) for k in keys]
     compute_clip_model_update(sent, ref, clip)
-    return {k: _as_tensor(a, reference[k]) for k, a in zip(keys, sent)}, norm
+    out = dict(zip(keys, sent))
+    return {k: _as_tensor(out[k], reference[k]) for k in reference}, norm
 
 
 def dp_noise_std(noise_multiplier: float, clip: float, weights: Sequence[float]) -> float:

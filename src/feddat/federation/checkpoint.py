@@ -239,3 +239,20 @@ def check_fits(ck: Checkpoint, global_template: State | None, templates: dict[st
         except FedDATError as e:
             raise FedDATError(f"{f} does not fit the model its config builds (another backbone or adapter "
                               f"size?): {e}") from None
+
+
+# where and how fast, not what is computed
+RESUME_MAY_CHANGE = ("threads", "device", "cache_dir", "tracker", "client_state_dir")
+
+
+def resume_config(saved: dict[str, Any], given: dict[str, Any]):
+    """The RunConfig to resume with: the checkpoint's, with the given values that may change
+    (RESUME_MAY_CHANGE); FedDATError listing every given value that conflicts with the checkpoint's."""
+    from feddat.config import RunConfig
+
+    conflicts = [f"{k.replace('_', '-')} (checkpoint: {saved.get(k)!r}, given: {v!r})" for k, v in sorted(given.items())
+                 if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
+    if conflicts:
+        raise FedDATError("the resumed run's config is the one saved in its checkpoint; these values conflict "
+                          "with it: " + ", ".join(conflicts) + ". Leave them out, or start a new run with --out")
+    return RunConfig.from_dict({**saved, **{k: v for k, v in given.items() if k in RESUME_MAY_CHANGE}})

@@ -5,7 +5,8 @@ and averages updates, `History` records the run. Flower carries the messages (fl
 
 - query     server -> every node, once: the run config. Reply: the node's client index and name, its label
             space and the starting global adapter (every node computes the same one from the seed).
-- train     server -> every client, each round: the global adapter ("arrays") and the round ("config").
+- train     server -> every client, each round: the global adapter ("arrays") and the round ("config":
+            server-round, resumed-from, and attempt on a retry).
             Reply: the updated global adapter ("arrays"; empty when the method shares nothing) and
             "metrics": num-examples, client-index and the mean train losses as train.<name>.
 - evaluate  server -> every client, on evaluation rounds: the new global adapter. Reply: "metrics" with
@@ -19,8 +20,15 @@ and averages updates, `History` records the run. Flower carries the messages (fl
 Every message also carries the run config ("run-config"), so the server is the one source of truth and the
 ClientApp needs nothing from Flower's own run config. A node's client is its `partition-id` (simulation) or
 `client-id` (deployment, `--node-config "client-id=0"`); node-local settings (model-path, cache-dir, device,
-threads) may be overridden by the node config. A client's private state (its local adapters and head) lives
-in `context.state`, one backbone is built per process whatever the number of clients it serves.
+threads, client-state-dir) may be overridden by the node config. A client's private state (its local adapters
+and head) lives in `context.state` and, with client-state-dir set, on the node's disk after every round (so the
+run can be resumed, `serve(resume=...)`); one backbone is built per process whatever the number of clients it
+serves.
+
+A round's train replies go to the same `RoundCollector` as in the in-process engine (feddat.federation.server):
+error replies and clients silent past the timeout are missing, bad updates rejected, the missing ones asked
+again (train config "attempt") when too few usable results came back; the ClientApp applies the run's
+fault injection (feddat.federation.faults) as the in-process engine does.
 
 `run_flower(cfg)` runs this app on Flower's simulation engine in this process and returns the same results
 dict as the in-process engine; `flwr run .` runs it from pyproject.toml.
@@ -30,6 +38,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import threading
 import time
 from dataclasses import replace
@@ -49,8 +59,10 @@ from feddat.config import RunConfig
 from feddat.data.benchmarks import BENCHMARKS
 from feddat.errors import FedDATError
 from feddat.eval.results import History
-from feddat.federation.aggregate import update_bytes
-from feddat.federation.inprocess import Setup, aggregate, build, evaluate_client, finish_history, reported_views
+from feddat.federation.checkpoint import Checkpoint, check_fits, save_checkpoint
+from feddat.federation.faults import check_crash, corrupt, delay, parse_faults
+from feddat.federation.inprocess import Setup, build, evaluate_client, finish_history, reported_views
+from feddat.federation.server import RoundCollector, privacy_report
 from feddat.federation.worker import State
 
 log = logging.getLogger(__name__)
@@ -58,7 +70,8 @@ log = logging.getLogger(__name__)
 ARRAYS, CONFIG, METRICS, CLIENT, RUN_CONFIG = "arrays", "config", "metrics", "client", "run-config"
 STATE_KEY = "feddat-client-state"
 MODEL_META = "model-meta"
-NODE_LOCAL = ("model_path", "cache_dir", "device", "threads")
+NODE_LOCAL = ("model_path", "cache_dir", "device", "threads", "client_state_dir")
+KEEP_STATES = 3   # rounds of a client's private state kept on disk (enough to resume after a damaged checkpoint)
 TIMEOUT_S = 3600.0
 
 
@@ -87,7 +100,8 @@ def config_from_values(values: Mapping[str, Any]) -> tuple[RunConfig, Path | Non
     """
     d = {str(k).replace("-", "_"): v for k, v in values.items()}
     out = d.pop("out_dir", None) or None
-    for key in ("model_path", "cache_dir", "tracker"):
+    d.pop("resume_dir", None)  # the ServerApp's business (make_server_app)
+    for key in ("model_path", "cache_dir", "tracker", "client_state_dir"):
         if d.get(key) == "":
             d[key] = None
     return RunConfig.from_dict(d), Path(out) if out else None
@@ -135,13 +149,87 @@ def _client_context(msg: Message, context: Context) -> tuple[RunConfig, Setup, i
     return cfg, setup, client_index(context.node_config, len(setup.clients))
 
 
-def _client_state(context: Context, setup: Setup, cfg: RunConfig, index: int) -> State:
-    """The client's private state from context.state; the worker's initial one the first time."""
+def run_key(cfg: RunConfig) -> str:
+    """Names a run's client states on disk: the config without node-local settings."""
+    import hashlib
+
+    values = {k: v for k, v in cfg.to_dict().items() if k not in NODE_LOCAL}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _state_dir(cfg: RunConfig, name: str) -> Path:
+    return Path(cfg.client_state_dir) / run_key(cfg) / name
+
+
+def _saved_rounds(directory: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in directory.glob("round-*.safetensors")) if directory.is_dir() else []
+
+
+def save_client_state(cfg: RunConfig, name: str, round_number: int, state: State) -> None:
+    """<client-state-dir>/<run key>/<client>/round-<NNNN>.safetensors (temp file, then rename); newest KEEP_STATES."""
+    from safetensors.torch import save_file
+
+    directory = _state_dir(cfg, name)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"round-{round_number:04d}.safetensors"
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+    for old in _saved_rounds(directory)[:-KEEP_STATES]:
+        (directory / f"round-{old:04d}.safetensors").unlink(missing_ok=True)
+
+
+def start_client_states(cfg: RunConfig, name: str, resumed_from: int) -> None:
+    """At the start of a run: drop the client's saved states of rounds after `resumed_from` (all but the
+    initial one in a new run: they belong to an earlier run of this config, or to the rounds an interrupted
+    run did not checkpoint), so every state left on disk belongs to this run's history. A resumed client
+    without a state of round `resumed_from` or before is an error."""
+    directory = _state_dir(cfg, name)
+    rounds = _saved_rounds(directory)
+    for r in rounds:
+        if r > resumed_from:
+            (directory / f"round-{r:04d}.safetensors").unlink(missing_ok=True)
+    if resumed_from > 0 and not any(r <= resumed_from for r in rounds):
+        raise FedDATError(f"client {name} has no saved state of round {resumed_from} or before in {directory}: "
+                          "run its SuperNode with the client-state-dir of the interrupted run")
+
+
+def load_client_state(cfg: RunConfig, name: str, upto: int) -> State | None:
+    """The client's newest saved state of round `upto` or before (None if there is none)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = _state_dir(cfg, name)
+    usable = [r for r in _saved_rounds(directory) if r <= upto]
+    if not usable:
+        return None
+    path = directory / f"round-{usable[-1]:04d}.safetensors"
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise FedDATError(f"{path} is unreadable ({e}); the client's state of that round is lost") from e
+
+
+def _client_state(msg: Message, context: Context, setup: Setup, cfg: RunConfig, index: int, upto: int) -> State:
+    """The client's private state: from context.state; else (a resumed run before the client's first round
+    in it, or a restarted SuperNode) its newest state of round `upto` or before in its node-local
+    client-state-dir; else (a new run) the worker's initial one."""
     if STATE_KEY in context.state:
         state = record_to_state(context.state[STATE_KEY])
         if state is not None:
             return state
-    return setup.worker.initial_state(index, len(setup.clients[index].answers), cfg.seed)
+    name = setup.clients[index].name
+    if cfg.client_state_dir:
+        state = load_client_state(cfg, name, upto)
+        if state is not None:
+            return state
+    if int(msg.content[CONFIG].get("resumed-from", 0)) > 0:
+        raise FedDATError(f"client {name} has no saved state to resume from (client-state-dir: "
+                          f"{cfg.client_state_dir})")
+    state = setup.worker.initial_state(index, len(setup.clients[index].answers), cfg.seed)
+    if cfg.client_state_dir:
+        save_client_state(cfg, name, 0, state)
+    return state
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict, name: str, **config: Any) -> Message:
@@ -158,6 +246,8 @@ client_app = ClientApp()
 def describe(msg: Message, context: Context) -> Message:
     cfg, setup, index = _client_context(msg, context)
     c = setup.clients[index]
+    if cfg.client_state_dir:
+        start_client_states(cfg, c.name, int(msg.content[CONFIG].get("resumed-from", 0)))
     return _reply(msg, state_to_record(setup.worker.initial_global(cfg.seed)),
                   {"client-index": index, "num-examples": len(c.train)}, c.name, answers=list(c.answers))
 
@@ -166,14 +256,21 @@ def describe(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     cfg, setup, index = _client_context(msg, context)
     c = setup.clients[index]
-    state = _client_state(context, setup, cfg, index)
+    state = _client_state(msg, context, setup, cfg, index, upto=int(msg.content[CONFIG]["server-round"]) - 1)
     global_state = record_to_state(msg.content[ARRAYS])
     round_idx = int(msg.content[CONFIG]["server-round"]) - 1
+    faults = parse_faults(cfg.fault_injection)
+    check_crash(faults, c.name, round_idx + 1, int(msg.content[CONFIG].get("attempt", 0)))
     res = setup.worker.fit(c, state, global_state, round_idx, cfg.rounds, cfg.seed, index)
     context.state[STATE_KEY] = state_to_record(res.state)
+    if cfg.client_state_dir:
+        save_client_state(cfg, c.name, round_idx + 1, res.state)
+    if (late := delay(faults, c.name, round_idx + 1)) > 0:
+        time.sleep(late)
     metrics = {"num-examples": res.num_examples, "client-index": index}
     metrics.update({f"train.{k}": float(v) for k, v in res.metrics.items()})
-    return _reply(msg, state_to_record(res.update), metrics, c.name)
+    update = corrupt(res.update, global_state, faults, c.name, round_idx + 1)
+    return _reply(msg, state_to_record(update), metrics, c.name)
 
 
 @client_app.evaluate()
@@ -182,7 +279,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     c = setup.clients[index]
     method = setup.worker.method
     final = bool(msg.content[CONFIG].get("final", False))
-    state, global_state = _client_state(context, setup, cfg, index), record_to_state(msg.content[ARRAYS])
+    state = _client_state(msg, context, setup, cfg, index, upto=int(msg.content[CONFIG]["server-round"]))
+    global_state = record_to_state(msg.content[ARRAYS])
     evals = evaluate_client(setup, c, state, global_state, reported_views(method) if final else None)
     main = evals[method.predict_view]
     metrics = {"client-index": index, "num-examples": len(c.test), "score": main["score"]}
@@ -214,12 +312,20 @@ def _wait_for_nodes(grid: Grid, n: int, timeout: float = TIMEOUT_S) -> list[int]
     return nodes
 
 
+def short_reason(reason: str) -> str:
+    """The gist of a ClientApp's error reply (Flower sends the whole remote traceback, with process ids)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason)
+    said = re.findall(r"Message: (.*)", text)
+    line = said[-1] if said else next((x for x in reversed(text.splitlines()) if x.strip()), text)
+    return line.strip().rstrip("'>").strip()[:300]
+
+
 def _errors(replies: list[Message]) -> list[str]:
     """The error replies' reasons, each once, with the nodes that sent it."""
     by_reason: dict[str, list[str]] = {}
     for m in replies:
         if m.has_error():
-            by_reason.setdefault(m.error.reason, []).append(str(m.metadata.src_node_id))
+            by_reason.setdefault(short_reason(m.error.reason), []).append(str(m.metadata.src_node_id))
     return [f"node{'s' if len(n) > 1 else ''} {', '.join(n)}: {reason}" for reason, n in by_reason.items()]
 
 
@@ -228,7 +334,8 @@ class FedDATStrategy(Strategy):
     and fills a `History` as the in-process engine does."""
 
     def __init__(self, cfg: RunConfig, nodes: dict[int, int], names: list[str], history: History,
-                 global_state: State | None, bar: tqdm | None = None, export: bool = False):
+                 global_state: State | None, bar: tqdm | None = None, export: bool = False,
+                 timeout: float = TIMEOUT_S, out_dir: Path | None = None, resumed_from: int = 0):
         self.cfg = cfg
         self.method = get_method(cfg.method)
         self.nodes = nodes                  # node id -> client index
@@ -240,18 +347,28 @@ class FedDATStrategy(Strategy):
         self.final_evals: dict[str, dict] | None = None
         self.export = export                # ask the clients for their models in the final evaluation
         self.exports: dict[str, tuple[State, dict]] = {}   # client name -> (tensors, client.json)
+        self.timeout = timeout              # seconds to wait for the replies of one send
+        self.out_dir = out_dir              # where the server checkpoints every round (None: nowhere)
+        self.offset = resumed_from          # rounds done before this start: Flower counts from 1 again
         self._round_start = 0.0
-        self._train: tuple[dict, dict, list[str]] = ({}, {}, [])
+        self._grid: Grid | None = None
+        self._arrays = ArrayRecord()
+        self._round: RoundCollector | None = None
 
     def summary(self) -> None:
-        log.info("FedDAT strategy: method %s, %d clients, %d rounds, %s-weighted FedAvg of %s", self.cfg.method,
-                 len(self.names), self.cfg.rounds, self.cfg.aggregation, self.method.shared or "nothing")
+        log.info("FedDAT strategy: method %s, %d clients, %d rounds, aggregation %s of %s%s", self.cfg.method,
+                 len(self.names), self.cfg.rounds, self.cfg.aggregation, self.method.shared or "nothing",
+                 f", central DP (clip {self.cfg.dp_clip}, noise {self.cfg.dp_noise_multiplier})" if self.cfg.dp else "")
 
-    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, kind: str) -> list[Message]:
+    def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, kind: str,
+                  names: Iterable[str] | None = None) -> list[Message]:
+        """One message per client (or per client in `names`), in client order."""
         config["server-round"] = server_round
+        config["resumed-from"] = self.offset
         record = RecordDict({ARRAYS: arrays, CONFIG: config, RUN_CONFIG: self.run_record})
+        wanted = set(self.names if names is None else names)
         return [Message(content=record, dst_node_id=node, message_type=kind, group_id=str(server_round))
-                for node in sorted(self.nodes, key=self.nodes.get)]
+                for node in sorted(self.nodes, key=self.nodes.get) if self.names[self.nodes[node]] in wanted]
 
     def _valid(self, replies: Iterable[Message], stage: str) -> tuple[list[Message], list[str]]:
         """Replies without errors, in client order, and the errors of the others."""
@@ -269,34 +386,58 @@ class FedDATStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.offset
         self._round_start = time.time()
+        self._grid, self._arrays = grid, arrays
         if self.bar is not None:
             self.bar.set_description(f"{self.cfg.method} round {server_round}/{self.cfg.rounds}")
         return self._messages(server_round, arrays, config, MessageType.TRAIN)
 
+    def _collect(self, collector: RoundCollector, replies: Iterable[Message], asked: list[str]) -> None:
+        """Hand every train reply to the round's collector: an answer, or the error a client raised; the
+        clients asked that sent nothing within the timeout are missing."""
+        heard = set()
+        for m in replies:
+            index = self.nodes.get(m.metadata.src_node_id)
+            if index is None:
+                log.warning("round %d: ignoring a reply from unknown node %s", collector.round_idx + 1,
+                            m.metadata.src_node_id)
+                continue
+            name = self.names[index]
+            heard.add(name)
+            if m.has_error():
+                collector.failed(name, f"failed: {short_reason(m.error.reason)}")
+                continue
+            metrics = m.content[METRICS]
+            if int(metrics["client-index"]) != index:
+                collector.failed(name, f"its node claims to serve client {int(metrics['client-index'])}")
+                continue
+            update = (record_to_state(m.content[ARRAYS]) if ARRAYS in m.content else None) if self.method.shared \
+                else None
+            collector.answered(name, {k[len("train."):]: v for k, v in metrics.items() if k.startswith("train.")},
+                               int(metrics["num-examples"]), update)
+        for name in asked:
+            if name not in heard:
+                collector.failed(name, f"timed out: no answer within {self.timeout:g} s")
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        ok, errors = self._valid(replies, "train")
-        if not ok:
-            raise FedDATError(f"round {server_round}: no client trained: " + ("; ".join(errors) or "no replies"))
-        train, updates, sizes = {}, {}, {}
-        for m in ok:
-            name = self.names[int(m.content[METRICS]["client-index"])]
-            metrics = m.content[METRICS]
-            train[name] = {k[len("train."):]: v for k, v in metrics.items() if k.startswith("train.")}
-            sizes[name] = int(metrics["num-examples"])
-            if self.method.shared:
-                # a missing or empty update fails validation in aggregate(), naming the client
-                updates[name] = (record_to_state(m.content[ARRAYS]) if ARRAYS in m.content else None) or {}
-        missing = [n for n in self.names if n not in train]
-        if missing:
-            log.warning("round %d: no update from %s: %s", server_round, ", ".join(missing), "; ".join(errors))
-        bytes_sent = {n: update_bytes(u) for n, u in updates.items()} or {n: 0 for n in self.names}
-        self._train = (train, bytes_sent, missing)
+        server_round += self.offset
+        collector = RoundCollector(self.cfg, self.names, self.method.shared is not None, self.global_state,
+                                   server_round - 1)
+        self._collect(collector, replies, self.names)
+        while collector.retry():
+            asked = collector.to_retry()
+            config = ConfigRecord({"attempt": collector.attempts - 1})
+            msgs = self._messages(server_round, self._arrays, config, MessageType.TRAIN, asked)
+            self._collect(collector, self._grid.send_and_receive(msgs, timeout=self.timeout), asked)
+        self._round = collector
+        new = collector.aggregate()  # FedDATError when too few clients gave a usable result
         arrays = None
-        if updates:
-            self.global_state = aggregate(self.cfg, updates, sizes, self.global_state)
-            arrays = state_to_record(self.global_state)
+        if self.method.shared:
+            self.global_state = new
+            arrays = state_to_record(new)
+        train, sizes = collector.train, collector.sizes
         total = sum(sizes.values())
         means = {f"train.{k}": sum(train[n][k] * sizes[n] for n in train) / total for k in next(iter(train.values()))}
         return arrays, MetricRecord(means)
@@ -306,6 +447,7 @@ class FedDATStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.offset
         if not self._evaluates(server_round):
             return []
         config["final"] = server_round == self.cfg.rounds
@@ -333,6 +475,7 @@ class FedDATStrategy(Strategy):
         return tensors, meta
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.offset
         ok, errors = self._valid(replies, "evaluate")
         scores = None
         if self._evaluates(server_round):
@@ -346,8 +489,13 @@ class FedDATStrategy(Strategy):
                 if self.export:
                     self.exports = {name: self._export(m) for m in ok
                                     for name in [self.names[int(m.content[METRICS]["client-index"])]]}
-        train, bytes_sent, missing = self._train
-        self.history.add_round(server_round - 1, train, scores, bytes_sent, time.time() - self._round_start, missing)
+        collector = self._round
+        self.history.add_round(server_round - 1, collector.train, scores, collector.bytes_sent(),
+                               time.time() - self._round_start, collector.extra())
+        if self.out_dir is not None:
+            # the server's part of the checkpoint; the clients keep theirs in their client-state-dir
+            save_checkpoint(self.out_dir, server_round, self.cfg.to_dict(), self.global_state, {}, {},
+                            self.history.data)
         if self.bar is not None:
             self.bar.update(1)
             if scores is not None:
@@ -361,9 +509,10 @@ def _same(a: State | None, b: State | None) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _describe(grid: Grid, node_ids: list[int], cfg: RunConfig, n: int):
-    """Ask every node which client it serves: node->index map, names, label spaces, the starting global adapter."""
-    record = RecordDict({RUN_CONFIG: config_to_record(cfg), CONFIG: ConfigRecord()})
+def _describe(grid: Grid, node_ids: list[int], cfg: RunConfig, n: int, resumed_from: int = 0):
+    """Ask every node which client it serves: node->index map, names, label spaces, the starting global adapter
+    (and, with client-state-dir, have it set its saved states up for a new or resumed run)."""
+    record = RecordDict({RUN_CONFIG: config_to_record(cfg), CONFIG: ConfigRecord({"resumed-from": resumed_from})})
     replies = list(grid.send_and_receive([Message(content=record, dst_node_id=node, message_type=MessageType.QUERY)
                                           for node in node_ids], timeout=TIMEOUT_S))
     nodes, names, answers, initial = {}, [None] * n, [None] * n, None
@@ -387,10 +536,20 @@ def _describe(grid: Grid, node_ids: list[int], cfg: RunConfig, n: int):
     return nodes, names, dict(zip(names, answers)), initial
 
 
+def check_resumable(cfg: RunConfig, resume: Checkpoint) -> None:
+    if not cfg.client_state_dir:
+        raise FedDATError("this Flower run kept its clients' private state in memory only (client-state-dir "
+                          "unset): it cannot be resumed")
+    if resume.round >= cfg.rounds:
+        raise FedDATError(f"{resume.path} is the checkpoint of the last round: the run is complete")
+
+
 def serve(grid: Grid, cfg: RunConfig, out_dir: Path | None = None, progress: bool = True,
-          t_start: float | None = None) -> dict:
-    """The whole run on the server side; returns History.data. With out_dir: saves results.json and the
-    clients' models (clients/) there, and the tracker's logs."""
+          t_start: float | None = None, resume: Checkpoint | None = None) -> dict:
+    """The whole run on the server side; returns History.data. With out_dir: saves results.json, the
+    clients' models (clients/), the server's checkpoint after every round (checkpoint/) and the tracker's logs
+    there. With `resume` (a server checkpoint of this config): go on after its round; the clients read their
+    private state of that round from their client-state-dir."""
     from feddat.eval.tracking import open_tracker
 
     t_start = time.time() if t_start is None else t_start
@@ -399,7 +558,7 @@ def serve(grid: Grid, cfg: RunConfig, out_dir: Path | None = None, progress: boo
     tracker = open_tracker(cfg.tracker, out_dir, cfg.to_dict())
     ok = False
     try:
-        data = _serve(grid, cfg, out_dir, progress, t_start, tracker)
+        data = _serve(grid, cfg, out_dir, progress, t_start, tracker, resume)
         ok = True
         return data
     finally:
@@ -407,18 +566,30 @@ def serve(grid: Grid, cfg: RunConfig, out_dir: Path | None = None, progress: boo
             tracker.close(ok)
 
 
-def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_start: float, tracker) -> dict:
+def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_start: float, tracker,
+           resume: Checkpoint | None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     method = get_method(cfg.method)
     n = len(BENCHMARKS[cfg.benchmark]())
-    nodes, names, label_spaces, initial = _describe(grid, _wait_for_nodes(grid, n), cfg, n)
+    if resume is not None:
+        check_resumable(cfg, resume)
+    done = resume.round if resume is not None else 0
+    nodes, names, label_spaces, initial = _describe(grid, _wait_for_nodes(grid, n), cfg, n, done)
     history = History(cfg.to_dict(), names, label_spaces)
+    if (privacy := privacy_report(cfg)) is not None:
+        history.data["privacy"] = privacy
+    if resume is not None:
+        check_fits(resume, initial, {})
+        initial = resume.global_state
+        history.data["rounds"] = list(resume.history["rounds"])
     history.attach(tracker)
-    bar = tqdm(total=cfg.rounds, desc=cfg.method, unit="round", disable=not progress)
-    strategy = FedDATStrategy(cfg, nodes, names, history, initial, bar, export=out_dir is not None)
+    bar = tqdm(total=cfg.rounds - done, desc=cfg.method, unit="round", disable=not progress)
+    timeout = cfg.round_timeout or TIMEOUT_S
+    strategy = FedDATStrategy(cfg, nodes, names, history, initial, bar, export=out_dir is not None,
+                              timeout=timeout, out_dir=out_dir, resumed_from=done)
     try:
-        strategy.start(grid, state_to_record(initial), num_rounds=cfg.rounds, timeout=TIMEOUT_S,
+        strategy.start(grid, state_to_record(initial), num_rounds=cfg.rounds - done, timeout=timeout,
                        train_config=ConfigRecord(), evaluate_config=ConfigRecord())
     finally:
         bar.close()
@@ -437,14 +608,31 @@ def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_s
 
 
 def make_server_app(cfg: RunConfig | None = None, out_dir: Path | None = None, progress: bool = True,
-                    sink: dict | None = None, t_start: float | None = None) -> ServerApp:
-    """A ServerApp for `cfg`, or (cfg None) for the run config Flower passes (`flwr run`)."""
+                    sink: dict | None = None, t_start: float | None = None,
+                    resume: Checkpoint | None = None) -> ServerApp:
+    """A ServerApp for `cfg`, or (cfg None) for the run config Flower passes (`flwr run`; a non-empty
+    `resume-dir` there resumes the run in that directory with the config saved in its checkpoint)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg, out = (cfg, out_dir) if cfg is not None else config_from_values(context.run_config)
-        data = serve(grid, run_cfg, out, progress, t_start)
+        run_cfg, out, ck = cfg, out_dir, resume
+        if cfg is None:
+            values = dict(context.run_config)
+            resume_dir = values.get("resume-dir", "") or values.get("resume_dir", "")
+            run_cfg, out = config_from_values(values)
+            if resume_dir:
+                from feddat.federation.checkpoint import RESUME_MAY_CHANGE, load_checkpoint, resume_config
+
+                ck = load_checkpoint(Path(resume_dir))
+                run_cfg = resume_config(ck.config, {k: getattr(run_cfg, k) for k in RESUME_MAY_CHANGE})
+                out = out or Path(resume_dir)
+        try:
+            data = serve(grid, run_cfg, out, progress, t_start, ck)
+        except FedDATError as e:
+            if sink is not None:
+                sink["error"] = e  # run_flower raises it: the simulation itself only logs it
+            raise
         if sink is not None:
             sink["results"] = data
 
@@ -455,13 +643,18 @@ server_app = make_server_app()
 
 
 # ----- Python entry -----
-def run_flower(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True) -> dict:
+def run_flower(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True,
+               resume: Checkpoint | None = None) -> dict:
     """Run on Flower's simulation engine (Ray) in this process: one SuperNode per client, one Ray worker (one
-    backbone) serving them in turn. Returns the results dict of `inprocess.run` for the same config."""
+    backbone) serving them in turn. Returns the results dict of `inprocess.run` for the same config. With
+    `resume` (the server checkpoint of an interrupted run of this config, which set client-state-dir): go on
+    after its round."""
     from flwr.simulation import run_simulation
 
     t_start = time.time()
     cfg = replace(cfg, engine="flower").validate()
+    if resume is not None:
+        check_resumable(cfg, resume)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     gpus = 1.0 if cfg.device.startswith("cuda") else 0.0
@@ -474,10 +667,12 @@ def run_flower(cfg: RunConfig, out_dir: Path | None = None, progress: bool = Tru
     if not progress:
         flwr_logger.setLevel(logging.WARNING)
     try:
-        run_simulation(server_app=make_server_app(cfg, out_dir, progress, sink, t_start), client_app=client_app,
+        run_simulation(server_app=make_server_app(cfg, out_dir, progress, sink, t_start, resume), client_app=client_app,
                        num_supernodes=len(BENCHMARKS[cfg.benchmark]()), backend_config=backend_config)
     finally:
         flwr_logger.setLevel(level)
+    if "error" in sink:
+        raise sink["error"]
     if "results" not in sink:
         raise FedDATError("the Flower simulation ended without results; see its log above")
     return sink["results"]

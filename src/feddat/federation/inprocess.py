@@ -15,7 +15,9 @@ from feddat.algorithms.registry import get_method
 from feddat.config import RunConfig
 from feddat.data.benchmarks import ClientData, load_benchmark
 from feddat.eval.results import History
-from feddat.federation.aggregate import update_bytes, validate_update, weighted_mean
+from feddat.federation.checkpoint import Checkpoint, check_fits, save_checkpoint
+from feddat.federation.faults import Fault, check_crash, corrupt, delay, parse_faults
+from feddat.federation.server import RoundCollector, privacy_report
 from feddat.federation.worker import State, Worker, mix_seed
 from feddat.models.backbone import load_backbone
 
@@ -41,15 +43,6 @@ def build(cfg: RunConfig) -> Setup:
     clients = load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer, text_len, cache)
     worker = Worker(get_method(cfg.method), backbone, cfg.reduction, cfg.local, cfg.device, cfg.warmup)
     return Setup(cfg, clients, worker)
-
-
-def aggregate(cfg: RunConfig, updates: dict[str, State], num_examples: dict[str, int], reference: State) -> State:
-    """Validate every update against the current global adapter, then FedAvg them."""
-    names = sorted(updates)
-    for name in names:
-        validate_update(updates[name], reference, name)
-    weights = [float(num_examples[n]) if cfg.aggregation == "samples" else 1.0 for n in names]
-    return weighted_mean([updates[n] for n in names], weights)
 
 
 def evaluate_client(setup: Setup, client: ClientData, state: State, global_state: State | None, views=None,
@@ -96,9 +89,11 @@ def save_client_models(setup: Setup, out_dir: Path, states: dict[str, State], gl
                            for i, c in enumerate(setup.clients)})
 
 
-def run(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True) -> dict:
-    """Train and score every client. With out_dir: results.json, the saved client models (clients/) and the
-    tracker's logs go there."""
+def run(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True,
+        resume: Checkpoint | None = None) -> dict:
+    """Train and score every client. With out_dir: results.json, the saved client models (clients/), a
+    checkpoint after every round (checkpoint/) and the tracker's logs go there. With `resume` (a checkpoint
+    of a run of this config, `feddat.federation.checkpoint.load_checkpoint`): go on after its last round."""
     from feddat.eval.tracking import open_tracker
 
     t_start = time.time()
@@ -106,7 +101,7 @@ def run(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True) -> d
     tracker = open_tracker(cfg.tracker, out_dir, cfg.to_dict())
     ok = False
     try:
-        data = _run(cfg, out_dir, progress, tracker, t_start)
+        data = _run(cfg, out_dir, progress, tracker, t_start, resume)
         ok = True
         return data
     finally:
@@ -114,38 +109,73 @@ def run(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True) -> d
             tracker.close(ok)
 
 
-def _run(cfg: RunConfig, out_dir: Path | None, progress: bool, tracker, t_start: float) -> dict:
+def _train_client(setup: Setup, collector: RoundCollector, faults: list[Fault], states: dict[str, State],
+                  global_state: State | None, r: int, i: int, bar) -> None:
+    """One client's round as the server sees it: an answer (update screened), or a failure or timeout."""
+    cfg, c = setup.cfg, setup.clients[i]
+    try:
+        check_crash(faults, c.name, r + 1, collector.attempts - 1)
+        t0 = time.perf_counter()
+        res = setup.worker.fit(c, states[c.name], global_state, r, cfg.rounds, cfg.seed, i, bar)
+        elapsed = time.perf_counter() - t0 + delay(faults, c.name, r + 1)
+    except Exception as e:  # a client's failure is the round's business, not the run's
+        collector.failed(c.name, f"failed: {type(e).__name__}: {e}")
+        return
+    states[c.name] = res.state  # the client trained: it keeps its state even if its answer comes too late
+    if cfg.round_timeout and elapsed > cfg.round_timeout:
+        collector.failed(c.name, f"timed out: no answer within round-timeout={cfg.round_timeout:g} s")
+        return
+    collector.answered(c.name, res.metrics, res.num_examples, corrupt(res.update, global_state, faults, c.name, r + 1))
+
+
+def _run(cfg: RunConfig, out_dir: Path | None, progress: bool, tracker, t_start: float,
+         resume: Checkpoint | None) -> dict:
     setup = build(cfg)
     worker, clients = setup.worker, setup.clients
+    names = [c.name for c in clients]
+    faults = parse_faults(cfg.fault_injection, names, cfg.rounds)
     torch.manual_seed(cfg.seed)
     states = {c.name: worker.initial_state(i, len(c.answers), cfg.seed) for i, c in enumerate(clients)}
     global_state = worker.initial_global(cfg.seed)
-    history = History(cfg.to_dict(), [c.name for c in clients], {c.name: c.answers for c in clients})
-    history.attach(tracker)
-    steps = cfg.rounds * sum(worker.steps_per_round(len(c.train)) for c in clients)
-    bar = tqdm(total=steps, desc=f"{cfg.method}", unit="step", disable=not progress)
+    history = History(cfg.to_dict(), names, {c.name: c.answers for c in clients})
+    if (privacy := privacy_report(cfg)) is not None:
+        history.data["privacy"] = privacy
     order_rng = np.random.default_rng(mix_seed(cfg.seed, 0x0DE))
-    for r in range(cfg.rounds):
+    first = 0
+    if resume is not None:
+        check_fits(resume, global_state, states)
+        states, global_state, first = dict(resume.states), resume.global_state, resume.round
+        order_rng.bit_generator.state = resume.order_rng
+        torch.set_rng_state(resume.torch_rng)
+        history.data["rounds"] = list(resume.history["rounds"])
+    history.attach(tracker)
+    steps = (cfg.rounds - first) * sum(worker.steps_per_round(len(c.train)) for c in clients)
+    bar = tqdm(total=steps, desc=f"{cfg.method}", unit="step", disable=not progress)
+    if resume is not None:
+        bar.write(f"resuming after round {first} from {resume.path}")
+    for r in range(first, cfg.rounds):
         t_round = time.time()
-        train, updates, sizes = {}, {}, {}
-        for i in order_rng.permutation(len(clients)):
-            c = clients[i]
-            bar.set_description(f"{cfg.method} round {r + 1}/{cfg.rounds} {c.name}")
-            res = worker.fit(c, states[c.name], global_state, r, cfg.rounds, cfg.seed, int(i), bar)
-            states[c.name] = res.state
-            train[c.name] = res.metrics
-            sizes[c.name] = res.num_examples
-            if res.update is not None:
-                updates[c.name] = res.update
-        bytes_sent = {n: update_bytes(u) for n, u in updates.items()} or {c.name: 0 for c in clients}
-        if updates:
-            global_state = aggregate(cfg, updates, sizes, global_state)
+        order = [int(i) for i in order_rng.permutation(len(clients))]
+        collector = RoundCollector(cfg, names, worker.method.shared is not None, global_state, r)
+        pending = order
+        while True:
+            for i in pending:
+                bar.set_description(f"{cfg.method} round {r + 1}/{cfg.rounds} {clients[i].name}")
+                _train_client(setup, collector, faults, states, global_state, r, i, bar)
+            if not collector.retry():
+                break
+            pending = [i for i in order if names[i] in collector.to_retry()]
+        global_state = collector.aggregate()
         scores = None
         if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
             evals = evaluate_all(setup, states, global_state)
             scores = {c: e[worker.method.predict_view]["score"] for c, e in evals.items()}
             bar.write(f"round {r + 1}: mean test score {sum(scores.values()) / len(scores):.4f}")
-        history.add_round(r, train, scores, bytes_sent, time.time() - t_round)
+        history.add_round(r, collector.train, scores, collector.bytes_sent(), time.time() - t_round,
+                          collector.extra())
+        if out_dir is not None:
+            save_checkpoint(out_dir, r + 1, cfg.to_dict(), global_state, states, order_rng.bit_generator.state,
+                            history.data)
     bar.close()
     final_report(setup, history, states, global_state, time.time() - t_start)
     if out_dir is not None:

@@ -100,7 +100,11 @@ class RoundCollector:
         """A client's answer: its train metrics always count; its update is screened (shared methods)."""
         self.missing.pop(name, None)
         self.train[name] = dict(metrics)
-        self.sizes[name] = int(num_examples)
+        # a FedAvg weight is the server's to know: a client claiming more examples than it holds is capped
+        self.sizes[name] = max(1, min(int(num_examples), self.cfg.train_per_client))
+        if self.sizes[name] != num_examples:
+            log.warning("round %d: client %s claims %s training examples; weighting it by %d",
+                        self.round_idx + 1, name, num_examples, self.sizes[name])
         if not self.shares:
             return
         update = update or {}
@@ -130,12 +134,16 @@ class RoundCollector:
 
     def failure(self) -> FedDATError:
         why = [f"{n}: {r}" for n, r in self.missing.items()] + [f"{n}: rejected ({r})" for n, r in self.rejected.items()]
+        cfg = self.cfg
+        if self.need > cfg.min_clients:
+            rule = f"aggregation={cfg.aggregation} with byzantine={cfg.byzantine} needs {self.need} updates"
+        else:
+            rule = f"min-clients={cfg.min_clients}"
         return FedDATError(
-            f"round {self.round_idx + 1} failed: {self.usable} of {len(self.names)} clients gave a usable result, "
-            f"{self.need} needed (min-clients={self.cfg.min_clients}, aggregation={self.cfg.aggregation}) after "
-            f"{self.attempts} attempt(s). " + "; ".join(why) + ". The last complete round is kept in the run's "
-            "checkpoint/ (resume with `feddat run --resume DIR`); raise round-retries or lower min-clients to "
-            "go on with fewer clients")
+            f"round {self.round_idx + 1} failed: {self.usable} of {len(self.names)} clients gave a usable result "
+            f"after {self.attempts} attempt(s), {rule}. " + "; ".join(why) + ". The rounds before are kept in the "
+            "run's checkpoint/ (resume with `feddat run --resume DIR`); round-retries re-asks clients that did not "
+            "answer (not rejected ones)")
 
     def aggregate(self) -> State | None:
         """The new global adapter (the reference when the method shares nothing); raises failure() if short."""
