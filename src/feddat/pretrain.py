@@ -46,6 +46,7 @@ class PretrainConfig:
     seed: int = 0
     checkpoint_every: int = 1000
     threads: int = 0
+    device: str = "cpu"
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "pool_images", "questions_per_image", "eval_questions", "hidden",
@@ -92,8 +93,8 @@ def reinit_unseen_words(backbone, tokenizer, seen: set[str], seed: int) -> list[
 
 
 def _resumable(config: dict) -> dict:
-    """The settings a checkpoint must share with the config that resumes it (threads may differ)."""
-    return {k: v for k, v in config.items() if k != "threads"}
+    """The settings a checkpoint must share with the config that resumes it (threads and device may differ)."""
+    return {k: v for k, v in config.items() if k not in ("threads", "device")}
 
 
 _CELLS = (torch.arange(GRID * GRID) // GRID, torch.arange(GRID * GRID) % GRID)
@@ -117,20 +118,21 @@ def _pool(cfg: PretrainConfig, seed: int, n_questions: int, tokenizer, answers: 
     }
 
 
-def _batch(pool, idx):
+def _batch(pool, idx, device="cpu"):
     img = pool["image_index"][idx]
-    return (pool["input_ids"][idx], pool["attention_mask"][idx], pool["pixels"][img],
-            pool["labels"][idx], pool["colors"][img], pool["shapes"][img])
+    return tuple(t.to(device) for t in (pool["input_ids"][idx], pool["attention_mask"][idx], pool["pixels"][img],
+                                        pool["labels"][idx], pool["colors"][img], pool["shapes"][img]))
 
 
 @torch.no_grad()
 def evaluate(model: PretrainModel, pool, batch_size: int = 512) -> dict:
     model.eval()
+    device = next(model.parameters()).device
     preds = []
     for start in range(0, len(pool["labels"]), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(pool["labels"])))
-        ids, mask, px, *_ = _batch(pool, idx)
-        preds.append(model(ids, mask, px)[0].argmax(-1))
+        ids, mask, px, *_ = _batch(pool, idx, device)
+        preds.append(model(ids, mask, px)[0].argmax(-1).cpu())
     correct = (torch.cat(preds) == pool["labels"]).numpy()
     model.train()
     report = {"accuracy": float(correct.mean())}
@@ -156,7 +158,7 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     # ViltEmbeddings starts [CLS] and patch positions at zero; give them the usual small random start.
     nn.init.trunc_normal_(backbone.embeddings.cls_token, std=0.02)
     nn.init.trunc_normal_(backbone.embeddings.position_embeddings, std=0.2)
-    model = PretrainModel(backbone, len(answers))
+    model = PretrainModel(backbone, len(answers)).to(cfg.device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -172,14 +174,14 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     step, elapsed, history = 0, 0.0, []
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=cfg.device)
         if _resumable(state["config"]) != _resumable(asdict(cfg)):
             raise FedDATError(f"{ckpt} was written with another pretraining config; remove it or use the same "
                               "options to resume")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
+        gen.set_state(state["generator"].cpu())
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
 
     t0 = time.time()
@@ -193,11 +195,11 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     t0 = time.time()
     while step < cfg.steps:
         idx = torch.randint(n, (cfg.batch_size,), generator=gen)
-        ids, mask, px, y, col, shp = _batch(train_pool, idx)
+        ids, mask, px, y, col, shp = _batch(train_pool, idx, cfg.device)
         logits, col_logits, shp_logits, cell_logits = model(ids, mask, px)
         loss_answer = ce(logits, y)
         cell = cell_logits.flatten(0, 1)
-        rows, cols = _CELLS[0].repeat(len(y)), _CELLS[1].repeat(len(y))
+        rows, cols = _CELLS[0].repeat(len(y)).to(y.device), _CELLS[1].repeat(len(y)).to(y.device)
         loss_patch = (ce(col_logits.flatten(0, 1), col.flatten()) + ce(shp_logits.flatten(0, 1), shp.flatten())
                       + ce(cell[:, :GRID], rows) + ce(cell[:, GRID:], cols))
         loss = loss_answer + cfg.aux_weight * loss_patch
@@ -228,7 +230,7 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     final_dir = out / "backbone"
     if final_dir.exists():
         shutil.rmtree(final_dir)
-    backbone.save_pretrained(final_dir)
+    backbone.to("cpu").save_pretrained(final_dir)
     tokenizer.save_pretrained(final_dir)
     info = {"config": asdict(cfg), "eval": final, "history": history, "torch_threads": torch.get_num_threads(),
             "words_unseen_in_pretraining": redrawn,
