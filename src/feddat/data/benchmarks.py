@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from feddat.data.questions import QTYPES
 from feddat.data.world import COLORS, SHAPES
 from feddat.errors import FedDATError
 
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def _save_records(path: Path, recs: dict[str, Records]) -> None:
         arrays[f"{split}_image_index"] = r.image_index
         meta[split] = {"questions": r.questions, "answers": r.answers, "qtypes": r.qtypes, "shifted": r.shifted,
                        "synonym": r.synonym}
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # one name per process: concurrent fillers do not collide
     np.savez_compressed(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
     tmp.replace(path)
 

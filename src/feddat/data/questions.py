@@ -52,38 +52,36 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator, dialect: dict[str, s
 
     `dialect` renames words for this client: a word's meaning changes in both questions and answers,
     so the remap must happen inside the model (a personal head cannot undo it for yes/no answers).
-    `synonym_p`: the chance that a colour or shape word in the question is said with a synonym, drawn from
-    `synonyms` (default: all of `SYNONYMS`).
+    `synonym_p`: the chance that a colour or shape the question mentions is said with a synonym, drawn from
+    `synonyms` (default: all of `SYNONYMS`). Synonyms name the *true* colour or shape in every client (the
+    shared vocabulary means the same everywhere); only the old words carry a client's dialect.
     """
-    result = _ask(scene, qtype, rng, dialect or {})
-    if result is None:
-        return None
-    question, answer, mentioned = result
+    dialect = dialect or {}
     tags = set()
-    if any(dialect and w in dialect for w in mentioned):
-        tags.add("shifted")
-    if synonym_p > 0:
-        words = question.split()
-        for i, w in enumerate(words):
+
+    def say(w: str) -> str:
+        if synonym_p > 0:
             options = [o for o in _SURFACE.get(w, ()) if synonyms is None or o in synonyms]
             if options and rng.random() < synonym_p:
-                words[i] = options[rng.integers(len(options))]
                 tags.add("synonym")
-        question = " ".join(words)
+                return options[rng.integers(len(options))]
+        if w in dialect:
+            tags.add("shifted")
+        return dialect.get(w, w)
+
+    result = _ask(scene, qtype, rng, dialect, say)
+    if result is None:
+        return None
+    question, answer = result
     return Question(question, answer, frozenset(tags))
 
 
-def _ask(scene: Scene, qtype: str, rng: np.random.Generator, dialect: dict[str, str]):
-    """(question, answer, words the question mentions in their true meaning) or None."""
+def _ask(scene: Scene, qtype: str, rng: np.random.Generator, dialect: dict[str, str], say):
+    """(question, answer) or None; `say(word)` gives the surface form of a colour or shape in the question."""
     objs = scene.objects
-    mentioned: list[str] = []
-
-    def say(w: str) -> str:
-        mentioned.append(w)
-        return dialect.get(w, w)
 
     def done(q: str, a: str):
-        return q, a, mentioned
+        return q, a
 
     if qtype == "color":
         unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
