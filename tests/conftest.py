@@ -35,7 +35,8 @@ def tiny_config(tiny_backbone_dir, tmp_path):
 
     def make(**overrides):
         values = dict(model_path=str(tiny_backbone_dir), cache_dir=str(tmp_path / "cache"), rounds=2,
-                      train_per_client=32, val_per_client=8, test_per_client=32, batch_size=16, threads=1)
+                      train_per_client=32, val_per_client=8, test_per_client=32, batch_size=16, threads=1,
+                      reduction=4)  # hidden 32 / 4: bottleneck 8 (the default 16 would leave 2)
         values.update(overrides)
         return RunConfig(**values).validate()
 

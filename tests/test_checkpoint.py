@@ -30,7 +30,7 @@ def cli_flags(cfg) -> list[str]:
     return ["--model-path", cfg.model_path, "--cache-dir", cfg.cache_dir, "--rounds", str(cfg.rounds),
             "--seed", str(cfg.seed), "--train-per-client", str(cfg.train_per_client), "--val-per-client",
             str(cfg.val_per_client), "--test-per-client", str(cfg.test_per_client), "--batch-size",
-            str(cfg.batch_size), "--threads", "1"]
+            str(cfg.batch_size), "--reduction", str(cfg.reduction), "--threads", "1"]
 
 
 def newest_round(out: Path) -> int:

@@ -20,7 +20,8 @@ from feddat.errors import FedDATError
 from feddat.federation.inprocess import reported_views, run
 from feddat.federation.worker import Worker
 
-TINY = dict(rounds=2, train_per_client=32, val_per_client=8, test_per_client=32, batch_size=16, threads=1)
+TINY = dict(rounds=2, train_per_client=32, val_per_client=8, test_per_client=32, batch_size=16, threads=1,
+            reduction=4)
 
 
 def _run_capturing(cfg: RunConfig, out: Path) -> tuple[dict, dict]:

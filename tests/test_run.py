@@ -23,7 +23,8 @@ def test_only_the_global_adapter_travels(tiny_config):
     local = run(tiny_config(method="local-adapter", rounds=1), progress=False)
     sent = feddat["rounds"][0]["bytes_sent"]
     assert sent == fedavg["rounds"][0]["bytes_sent"]
-    # tiny backbone: hidden 32, 2 layers, reduction 4 -> bottleneck 8: 2 * (32*8 + 8*32) + 8 + 32 per layer... in float32
+    # tiny backbone: hidden 32, 2 layers, reduction 4 -> bottleneck 8; per layer down (32x8 + 8) and up
+    # (8x32 + 32), float32
     assert set(sent.values()) == {2 * (32 * 8 + 8 + 8 * 32 + 32) * 4}
     assert set(local["rounds"][0]["bytes_sent"].values()) == {0}
 

@@ -1,4 +1,4 @@
-"""The `feddat` command line: run, predict, eval, methods, pretrain."""
+"""The `feddat` command line: run, deploy, predict, eval, methods, pretrain."""
 
 from __future__ import annotations
 
@@ -18,9 +18,17 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        kind = type(default) if default is not None else str
+        kind = _boolean if isinstance(default, bool) else type(default) if default is not None else str
         p.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
                        help=f"(default: {default})")
+
+
+def _boolean(text: str) -> bool:
+    """true/false (also yes/no, 1/0) from the command line; bool('false') would be True."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 def _config_from_args(args) -> "RunConfig":
@@ -236,6 +244,12 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from feddat.federation.deploy import main as deploy
+
+    return deploy(args)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="feddat", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -260,7 +274,8 @@ def parser() -> argparse.ArgumentParser:
     pred.add_argument("--input", help="JSON lines with \"image\" (path, relative to the file) and \"question\"")
     pred.add_argument("--output", help="JSON lines written for --input: each record plus answers and probabilities")
     pred.add_argument("--top-k", dest="top_k", type=int, default=5, help="answers to show (default: 5)")
-    pred.add_argument("--view", help="student, local or teacher (default: the method's predicting view)")
+    pred.add_argument("--view", help="student, local, teacher, frozen or mixed, among the views the method "
+                      "reports (default: the method's predicting view)")
     pred.add_argument("--model-path", dest="model_path", help="the backbone (default: the one client.json names)")
     pred.add_argument("--device", default="cpu")
     pred.add_argument("--batch-size", dest="batch_size", type=int, default=64)
@@ -276,6 +291,13 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
+
+    dep = sub.add_parser("deploy", help="run on a Flower deployment on this machine: a SuperLink and one SuperNode "
+                         "per client, each a process (TLS, SuperNode authentication); stops them at the end")
+    from feddat.federation.deploy import add_arguments
+
+    add_arguments(dep)
+    dep.set_defaults(func=cmd_deploy)
 
     methods = sub.add_parser("methods", help="list the federated methods")
     methods.set_defaults(func=cmd_methods)

@@ -16,6 +16,7 @@ ENGINES = ("inprocess", "flower")
 @dataclass
 class RunConfig:
     benchmark: str = "domain"
+    clients: int = 0                    # take the benchmark's first N clients (a smaller federation); 0 = all
     method: str = "feddat"
     rounds: int = 10
     seed: int = 0
@@ -26,7 +27,19 @@ class RunConfig:
     weight_decay: float = 0.01
     warmup: float = 0.1
     kd_temperature: float = 3.0
-    reduction: int = 4
+    fused: bool = False                 # FedDAT: student and DAT views in one batched forward (same gradients,
+                                        # docs/performance.md says when it is faster)
+    reduction: int = 16
+    lr_backbone: float = 1e-4           # fedavg-full: learning rate of the backbone's own weights
+    fedprox_mu: float = 0.01            # fedprox-adapter: mu/2 * ||adapter - global||^2
+    ditto_lambda: float = 0.1           # ditto-adapter: lambda/2 * ||personal - global||^2
+    fedrep_head_epochs: int = 1         # fedrep-adapter: head-only epochs before the adapter's local epochs
+    apfl_alpha: float = 0.5             # apfl-adapter: initial weight of the local adapter in the mix
+    apfl_alpha_lr: float = 0.1          # apfl-adapter: SGD step size of the per-client alpha
+    lora_rank: int = 16                 # fedavg-lora: rank
+    lora_alpha: float = 16.0            # fedavg-lora: scaling lora_alpha / lora_rank
+    lora_targets: str = "query,value"   # fedavg-lora: comma-separated names of the linear layers it wraps
+    prompt_tokens: int = 5              # fedavg-prompt: learned prompt tokens per modality
     aggregation: str = "samples"        # FedAvg weighted by local sample counts, or "equal" (as the authors'
                                         # runs); robust: median, trimmed-mean, krum, multi-krum, bulyan
     trim_fraction: float = 0.2          # trimmed-mean: drop int(f * n) smallest and largest values per coordinate
@@ -38,6 +51,7 @@ class RunConfig:
     round_retries: int = 0              # re-ask the clients that gave no answer this many times per round
     round_timeout: float = 0.0          # seconds a client's answer may take; 0 = no limit (Flower: one hour)
     fault_injection: str = ""           # e.g. "crash:textured@2,scale:blurry=-10" (feddat.federation.faults)
+    secure_aggregation: bool = False    # Flower: SecAgg+ for the shared adapter (the server sees only the mean)
     eval_frozen: str = "newest"         # DAT at prediction: newest aggregate, or the copy from the last round
     eval_every: int = 1
     train_per_client: int = 400
@@ -61,19 +75,23 @@ class RunConfig:
             raise FedDATError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)} "
                               "(`feddat methods` lists them)")
         for name in ("rounds", "local_epochs", "batch_size", "reduction", "eval_every", "train_per_client",
-                     "val_per_client", "test_per_client"):
+                     "val_per_client", "test_per_client",
+                     "fedrep_head_epochs", "lora_rank", "prompt_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise FedDATError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
-        for name in ("lr_adapter", "lr_head", "kd_temperature"):
+        for name in ("lr_adapter", "lr_head", "kd_temperature", "lr_backbone", "lora_alpha"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
                 raise FedDATError(f"{name.replace('_', '-')} must be a positive number, got {v!r}")
+        self._validate_method_knobs()
         if not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < 1:
             raise FedDATError(f"weight-decay must be in [0, 1), got {self.weight_decay!r}")
         if not isinstance(self.warmup, (int, float)) or not 0 <= self.warmup < 1:
             raise FedDATError(f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
         self._validate_server()
+        if not isinstance(self.fused, bool):
+            raise FedDATError(f"fused must be true or false, got {self.fused!r}")
         if self.eval_frozen not in ("newest", "last_round"):
             raise FedDATError(f"eval-frozen must be 'newest' or 'last_round', got {self.eval_frozen!r}")
         if self.engine not in ENGINES:
@@ -89,11 +107,31 @@ class RunConfig:
                               "(or leave it unset)")
         return self
 
+    def _validate_method_knobs(self) -> None:
+        """The knobs of the personalised and PEFT baselines (each read only by the method it names)."""
+        import re
+
+        for name in ("fedprox_mu", "ditto_lambda", "apfl_alpha_lr"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float("inf"):
+                raise FedDATError(f"{name.replace('_', '-')} must be a finite number >= 0, got {v!r}")
+        if not isinstance(self.apfl_alpha, (int, float)) or isinstance(self.apfl_alpha, bool) \
+                or not 0 <= self.apfl_alpha <= 1:
+            raise FedDATError(f"apfl-alpha must be in [0, 1], got {self.apfl_alpha!r}")
+        targets = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else []
+        if not targets or not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", t.strip()) for t in targets):
+            raise FedDATError("lora-targets must be comma-separated module names (e.g. 'query,value'), "
+                              f"got {self.lora_targets!r}")
+
     def _validate_server(self) -> None:
         """Aggregation, update screening, DP and fault handling (needs a known benchmark: its client count)."""
         from feddat.federation.faults import parse_faults
 
-        names = [c.name for c in BENCHMARKS[self.benchmark]()]
+        total = len(BENCHMARKS[self.benchmark]())
+        if not isinstance(self.clients, int) or isinstance(self.clients, bool) or not 0 <= self.clients <= total:
+            raise FedDATError(f"clients must be an integer from 1 to the benchmark's {total} clients (0 = all), "
+                              f"got {self.clients!r}")
+        names = [c.name for c in self.client_specs()]
         n = len(names)
         if self.aggregation not in AGGREGATIONS:
             raise FedDATError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
@@ -131,6 +169,31 @@ class RunConfig:
         if not isinstance(self.fault_injection, str):
             raise FedDATError(f"fault-injection must be a string, got {self.fault_injection!r}")
         parse_faults(self.fault_injection, names, self.rounds)
+        self._validate_secure_aggregation(n)
+
+    def _validate_secure_aggregation(self, n: int) -> None:
+        """SecAgg+ hands the server the mean only: what needs each client's update cannot go with it."""
+        from feddat.algorithms.registry import METHODS
+
+        if not isinstance(self.secure_aggregation, bool):
+            raise FedDATError(f"secure-aggregation must be true or false, got {self.secure_aggregation!r}")
+        if not self.secure_aggregation:
+            return
+        conflicts = [what for what, on in (
+            (f"aggregation={self.aggregation} (secure aggregation computes a mean: samples or equal)",
+             self.aggregation not in MEAN_RULES),
+            ("max-update-norm (the server cannot screen updates it does not see)", self.max_update_norm > 0),
+            ("dp-clip (central DP clips each update on the server)", self.dp_clip > 0),
+            ("round-retries (a SecAgg+ round cannot take late answers)", self.round_retries > 0),
+            (f"method {self.method} (it shares nothing to aggregate)",
+             self.method in METHODS and not METHODS[self.method].shared),
+            (f"{n} clients (SecAgg+ needs at least 3)", n < 3)) if on]
+        if conflicts:
+            raise FedDATError("secure-aggregation cannot go with " + "; ".join(conflicts))
+
+    def client_specs(self) -> list:
+        """The benchmark's clients this run federates: all of them, or the first `clients`."""
+        return BENCHMARKS[self.benchmark]()[:self.clients or None]
 
     @property
     def dp(self) -> bool:
@@ -142,8 +205,8 @@ class RunConfig:
 
     @property
     def local(self) -> LocalConfig:
-        return LocalConfig(self.local_epochs, self.batch_size, self.lr_adapter, self.lr_head, self.weight_decay,
-                           self.kd_temperature)
+        names = {f.name for f in fields(LocalConfig)}
+        return LocalConfig(**{k: v for k, v in asdict(self).items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -75,11 +75,13 @@ def read_image(path: str | Path) -> np.ndarray:
         raise FedDATError(f"image {path} is unreadable ({type(e).__name__}: {e})") from e
 
 
-def split_tensors(tensors: dict[str, torch.Tensor], shared: str | None) -> tuple[dict, dict | None]:
-    """Saved tensors as (client state, global adapter) the way a Worker takes them."""
+def split_tensors(tensors: dict[str, torch.Tensor], shared: str | None,
+                  prefix: str | None = None) -> tuple[dict, dict | None]:
+    """Saved tensors as (client state, shared state) the way a Worker takes them; the shared tensors are those
+    under `prefix` (default: the shared adapter's, `adapter.<shared>.`)."""
     if not shared:
         return dict(tensors), None
-    prefix = f"adapter.{shared}."
+    prefix = prefix or f"adapter.{shared}."
     state = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
     global_state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     return state, global_state
@@ -103,16 +105,13 @@ class ClientModel:
         self.text_len: int = config.max_position_embeddings
         self.device = worker.device
         self._check_tensors(tensors, where)
-        self.state, self.global_state = split_tensors(tensors, worker.method.shared)
+        method = worker.method
+        self.state, self.global_state = split_tensors(tensors, method.shared,
+                                                      method.shared_prefix if method.shared else None)
         self._load()
 
     def _check_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        expected = {f"adapter.{n}.{k}": v.shape for n in self.worker.method.adapters
-                    for k, v in self.worker.model.adapter_state(n).items()}
-        dim = self.worker.dim
-        expected.update({"head.net.0.weight": (2 * dim, dim), "head.net.0.bias": (2 * dim,),
-                         "head.net.1.weight": (2 * dim,), "head.net.1.bias": (2 * dim,),
-                         "head.net.3.weight": (len(self.answers), 2 * dim), "head.net.3.bias": (len(self.answers),)})
+        expected = self.worker.export_shapes(len(self.answers))
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or extra:
             raise FedDATError(f"{where} does not fit a {self.method} client on this backbone: "
@@ -189,8 +188,17 @@ class ClientModel:
         return out
 
 
-def _build(meta: dict[str, Any], backbone, tokenizer, device):
+def _local_config(meta: dict[str, Any]):
+    """The local knobs client.json records (those that shape the model: LoRA rank, prompt tokens, ...)."""
+    from dataclasses import fields
+
     from feddat.algorithms.base import LocalConfig
+
+    known = {f.name for f in fields(LocalConfig)}
+    return LocalConfig(**{k: v for k, v in meta.get("local", {}).items() if k in known})
+
+
+def _build(meta: dict[str, Any], backbone, tokenizer, device):
     from feddat.algorithms.registry import get_method
     from feddat.federation.worker import Worker
 
@@ -198,7 +206,7 @@ def _build(meta: dict[str, Any], backbone, tokenizer, device):
     if list(method.adapters) != list(meta["adapters"]["names"]):
         raise FedDATError(f"client.json names adapters {meta['adapters']['names']} but method {method.name} "
                           f"now has {list(method.adapters)}")
-    return Worker(method, backbone, int(meta["adapters"]["reduction"]), LocalConfig(), device)
+    return Worker(method, backbone, int(meta["adapters"]["reduction"]), _local_config(meta), device)
 
 
 def load_client(run_dir: str | Path, client: str, model_path: str | Path | None = None,

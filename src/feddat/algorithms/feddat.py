@@ -2,16 +2,22 @@
 
 Each client carries a global adapter (travels), a local adapter (private) and a frozen copy of the
 global adapter taken at the start of the round. The teacher view mixes local and frozen outputs 50/50.
+
+The ablations (feddat.algorithms.ablations) are this class with one piece changed: the teacher's view
+(`teacher_view`: the frozen copy alone, or the local adapter alone) or the losses (`mutual_kd=False`: each
+adapter learns the task alone).
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import torch
 
 from feddat.algorithms.base import LocalConfig, Method
 from feddat.algorithms.losses import kd_loss, task_loss
 from feddat.models.adapters import AdaptedModel
-from feddat.models.vl import AnswerHead, pooled_features
+from feddat.models.vl import AnswerHead, pooled_features_of_views
 
 
 class FedDAT(Method):
@@ -22,32 +28,39 @@ class FedDAT(Method):
     shared = "global"
     predict_view = "teacher"
     report_views = ("student", "local")
+    teacher_view: ClassVar[str] = "teacher"   # the view that teaches the student (the DAT)
+    mutual_kd: ClassVar[bool] = True          # each sub-step's loss: (task + KD) / 2; False: the task alone
+
+    def mkd_loss(self, task: torch.Tensor, kd: torch.Tensor) -> torch.Tensor:
+        return (task + kd) / 2 if self.mutual_kd else task
 
     def begin_round(self, model: AdaptedModel) -> None:
-        model.copy_adapter("global", "global_frozen")
+        if "global_frozen" in self.adapters:
+            model.copy_adapter("global", "global_frozen")
 
     def prepare_eval(self, model: AdaptedModel, newest_global: bool) -> None:
         # Default: the teacher mixes the local adapter with the newest aggregate. The authors' code keeps
         # the copy taken at the start of the client's last round (newest_global=False keeps the stored one).
-        if newest_global:
+        if newest_global and "global_frozen" in self.adapters:
             model.copy_adapter("global", "global_frozen")
 
     def train_step(self, model: AdaptedModel, head: AnswerHead, batch: dict, opt: torch.optim.Optimizer,
                    cfg: LocalConfig) -> dict[str, float]:
+        if cfg.fused:
+            return self.fused_train_step(model, head, batch, opt, cfg)
         y, t = batch["labels"], cfg.kd_temperature
         # DAT encoder pass once, with gradient into the local adapter; it serves both sub-steps because
         # neither the backbone, the local adapter nor the frozen copy changes in the student sub-step.
-        model.set_view("teacher")
-        teacher_features = pooled_features(model, batch)
+        # The student's pass shares with it the frozen layers before the first adapter.
+        teacher_features, student_features = pooled_features_of_views(model, batch, (self.teacher_view, "student"))
         with torch.no_grad():
             teacher_logits = head(teacher_features)
 
         # 1) student (global adapter) learns the task and the teacher.
-        model.set_view("student")
-        student_logits = head(pooled_features(model, batch))
+        student_logits = head(student_features)
         loss_student_task = task_loss(student_logits, y)
         loss_student_kd = kd_loss(student_logits, teacher_logits, t)
-        loss_student = (loss_student_task + loss_student_kd) / 2
+        loss_student = self.mkd_loss(loss_student_task, loss_student_kd)
         opt.zero_grad(set_to_none=True)
         loss_student.backward()
         opt.step()
@@ -56,9 +69,49 @@ class FedDAT(Method):
         teacher_logits = head(teacher_features)  # the head as updated by sub-step 1
         loss_teacher_task = task_loss(teacher_logits, y)
         loss_teacher_kd = kd_loss(teacher_logits, student_logits.detach(), t)
-        loss_teacher = (loss_teacher_task + loss_teacher_kd) / 2
+        loss_teacher = self.mkd_loss(loss_teacher_task, loss_teacher_kd)
         opt.zero_grad(set_to_none=True)
         loss_teacher.backward()
+        opt.step()
+        return {"loss": loss_teacher_task.item(), "loss_student": loss_student.item(),
+                "loss_teacher": loss_teacher.item(), "kd_student": loss_student_kd.item(),
+                "kd_teacher": loss_teacher_kd.item()}
+
+    def fused_train_step(self, model: AdaptedModel, head: AnswerHead, batch: dict, opt: torch.optim.Optimizer,
+                         cfg: LocalConfig) -> dict[str, float]:
+        """`train_step` with the student and the DAT side by side in one pass over the batch taken twice (after
+        the frozen first layer, run once), and one backward through the encoder.
+
+        The student's loss is differentiated through the head alone at first: the head steps, and the
+        gradient the loss sends into the student's features waits for the one backward through the encoder,
+        taken with the teacher's loss. So the global adapter steps in the second optimiser step rather than
+        the first, with the same gradient and learning rate; with `zero_grad(set_to_none=True)` AdamW and SGD
+        skip it in the first and the result is the unfused step's (nothing in the teacher sub-step depends on
+        the global adapter).
+        """
+        y, t = batch["labels"], cfg.kd_temperature
+        student_features, teacher_features = pooled_features_of_views(model, batch, ("student", self.teacher_view),
+                                                                      stacked=True)
+        with torch.no_grad():
+            teacher_logits = head(teacher_features)
+
+        # 1) student: the head steps now, the global adapter with the teacher's backward below.
+        student_cut = student_features.detach().requires_grad_()
+        student_logits = head(student_cut)
+        loss_student_task = task_loss(student_logits, y)
+        loss_student_kd = kd_loss(student_logits, teacher_logits, t)
+        loss_student = self.mkd_loss(loss_student_task, loss_student_kd)
+        opt.zero_grad(set_to_none=True)
+        loss_student.backward()
+        opt.step()
+
+        # 2) teacher, plus the student's gradient through the encoder: one backward over the doubled batch.
+        teacher_logits = head(teacher_features)
+        loss_teacher_task = task_loss(teacher_logits, y)
+        loss_teacher_kd = kd_loss(teacher_logits, student_logits.detach(), t)
+        loss_teacher = self.mkd_loss(loss_teacher_task, loss_teacher_kd)
+        opt.zero_grad(set_to_none=True)
+        torch.autograd.backward((loss_teacher, student_features), (None, student_cut.grad))
         opt.step()
         return {"loss": loss_teacher_task.item(), "loss_student": loss_student.item(),
                 "loss_teacher": loss_teacher.item(), "kd_student": loss_student_kd.item(),

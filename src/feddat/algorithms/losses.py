@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +14,21 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_p = F.log_softmax(student_logits / t, dim=-1)
     q = F.softmax(teacher_logits / t, dim=-1)
     return F.kl_div(log_p, q, reduction="batchmean") * t * t
+
+
+def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor], coef: float) -> torch.Tensor:
+    """coef / 2 * sum_k ||p_k - a_k||^2 (FedProx's mu, Ditto's lambda); its gradient in p_k is coef * (p_k - a_k).
+    The anchor (the global adapter received this round) is a constant."""
+    if len(params) != len(anchor):
+        raise ValueError(f"{len(params)} parameters but {len(anchor)} anchor tensors")
+    total = sum(((p - a.detach()) ** 2).sum() for p, a in zip(params, anchor))
+    return coef / 2 * total
+
+
+def clipped_sgd_step(value: torch.Tensor, grad: torch.Tensor, lr: float, low: float = 0.0,
+                     high: float = 1.0) -> torch.Tensor:
+    """value - lr * grad, clipped to [low, high] (APFL's update of its mixing weight alpha)."""
+    return (value - lr * grad).clamp(low, high)
 
 
 def task_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from feddat.algorithms.ablations import FedDATNoFrozen, FedDATNoMKD, FedDATSingleTeacher
 from feddat.algorithms.base import Method
-from feddat.algorithms.baselines import FedAvgAdapter, FedAvgAdapter2x, HeadOnly, LocalAdapter
+from feddat.algorithms.baselines import FedAvgAdapter, FedAvgAdapter2x, FedProxAdapter, HeadOnly, LocalAdapter
 from feddat.algorithms.feddat import FedDAT
+from feddat.algorithms.peft_baselines import (FedAvgBitFit, FedAvgFull, FedAvgLayerNorm, FedAvgLoRA,
+                                              FedAvgPrompt)
+from feddat.algorithms.personalised import APFLAdapter, DittoAdapter, FedRepAdapter
 from feddat.errors import FedDATError
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (FedDAT, FedAvgAdapter, FedAvgAdapter2x, LocalAdapter, HeadOnly)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
+    FedDAT, FedAvgAdapter, FedAvgAdapter2x, LocalAdapter, HeadOnly,
+    FedDATNoMKD, FedDATSingleTeacher, FedDATNoFrozen,                   # FedDAT's ablations
+    DittoAdapter, FedRepAdapter, APFLAdapter,                           # personalised FL on the same adapters
+    FedProxAdapter, FedAvgBitFit, FedAvgLayerNorm, FedAvgFull, FedAvgLoRA, FedAvgPrompt,  # other PEFT / FL
+)}
 
 
 def get_method(name: str) -> Method:

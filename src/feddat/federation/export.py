@@ -7,7 +7,11 @@ Each client directory holds
   client's last round with "last_round") and its answer head (`head.<param>`);
 - `client.json`: what is needed to rebuild it: the backbone (path or "embedded", sha256 of its weights file,
   its shape), the adapters (names, reduction, bottleneck), the head shape, the method and its views, the
-  eval_frozen setting, the client's label space, and the sha256 of model.safetensors.
+  eval_frozen setting, the local training knobs (`local`: among them those that shape the model, such as the
+  LoRA rank), the client's label space, and the sha256 of model.safetensors.
+
+Methods that share more than an adapter save their shared tensors as `<shared>.<key>` (e.g. `lora.<key>`,
+`bias.<key>`), and any further private tensors under their own names (e.g. APFL's `apfl.alpha`).
 
 Both engines write the same files through `client_export` and `write_client`: the in-process driver from its
 states, the Flower server from what the clients' final evaluate replies carry.
@@ -15,6 +19,7 @@ states, the Flower server from what the clients' final evaluate replies carry.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -108,6 +113,7 @@ def client_export(setup, index: int, state: State, global_state: State | None) -
         "adapters": {"names": list(method.adapters), "shared": method.shared, "reduction": cfg.reduction,
                      "bottleneck": worker.bottleneck, "dim": worker.dim, "layers": len(worker.model.slots)},
         "head": {"dim": worker.dim, "hidden": int(head_out[1]), "n_answers": int(head_out[0])},
+        "local": dataclasses.asdict(worker.local),
         "answers": list(client.answers),
         "run": {"benchmark": cfg.benchmark, "seed": cfg.seed, "rounds": cfg.rounds},
     }

@@ -28,7 +28,10 @@ serves.
 A round's train replies go to the same `RoundCollector` as in the in-process engine (feddat.federation.server):
 error replies and clients silent past the timeout are missing, bad updates rejected, the missing ones asked
 again (train config "attempt") when too few usable results came back; the ClientApp applies the run's
-fault injection (feddat.federation.faults) as the in-process engine does.
+fault injection (feddat.federation.faults) as the in-process engine does. An error the SuperLink sends for a
+node it counts as gone ("Node Unavailable") is the missing answer of that node's client. With
+secure-aggregation the round's train messages are those of Flower's SecAgg+ protocol instead, and the server
+gets the clients' metrics and the mean change of the global adapter only (feddat.federation.secagg).
 
 `run_flower(cfg)` runs this app on Flower's simulation engine in this process and returns the same results
 dict as the in-process engine; `flwr run .` runs it from pyproject.toml.
@@ -56,12 +59,12 @@ from tqdm import tqdm
 
 from feddat.algorithms.registry import get_method
 from feddat.config import RunConfig
-from feddat.data.benchmarks import BENCHMARKS
 from feddat.errors import FedDATError
 from feddat.eval.results import History
 from feddat.federation.checkpoint import Checkpoint, check_fits, save_checkpoint
 from feddat.federation.faults import check_crash, corrupt, delay, parse_faults
 from feddat.federation.inprocess import Setup, build, evaluate_client, finish_history, reported_views
+from feddat.federation.secagg import secure_aggregation_mod
 from feddat.federation.server import RoundCollector, privacy_report
 from feddat.federation.worker import State
 
@@ -135,7 +138,7 @@ def client_index(node_config: Mapping[str, Any], n_clients: int) -> int:
     except (TypeError, ValueError):
         raise FedDATError(f"{key} must be an integer, got {value!r}") from None
     if not 0 <= index < n_clients:
-        raise FedDATError(f"{key}={index} is out of range: the benchmark has {n_clients} clients (0..{n_clients - 1})")
+        raise FedDATError(f"{key}={index} is out of range: the run has {n_clients} clients (0..{n_clients - 1})")
     return index
 
 
@@ -252,7 +255,7 @@ def describe(msg: Message, context: Context) -> Message:
                   {"client-index": index, "num-examples": len(c.train)}, c.name, answers=list(c.answers))
 
 
-@client_app.train()
+@client_app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, setup, index = _client_context(msg, context)
     c = setup.clients[index]
@@ -320,13 +323,14 @@ def short_reason(reason: str) -> str:
     return line.strip().rstrip("'>").strip()[:300]
 
 
-def _errors(replies: list[Message]) -> list[str]:
-    """The error replies' reasons, each once, with the nodes that sent it."""
+def _errors(replies: list[Message], label=None) -> list[str]:
+    """The error replies' reasons, each once, with whom they concern (`label(reply)`; default: the sender)."""
+    label = label or (lambda m: f"node {m.metadata.src_node_id}")
     by_reason: dict[str, list[str]] = {}
     for m in replies:
         if m.has_error():
-            by_reason.setdefault(short_reason(m.error.reason), []).append(str(m.metadata.src_node_id))
-    return [f"node{'s' if len(n) > 1 else ''} {', '.join(n)}: {reason}" for reason, n in by_reason.items()]
+            by_reason.setdefault(short_reason(m.error.reason), []).append(label(m))
+    return [f"{', '.join(who)}: {reason}" for reason, who in by_reason.items()]
 
 
 class FedDATStrategy(Strategy):
@@ -354,6 +358,7 @@ class FedDATStrategy(Strategy):
         self._grid: Grid | None = None
         self._arrays = ArrayRecord()
         self._round: RoundCollector | None = None
+        self._outgoing: list[Message] = []  # the messages of the current send (their ids identify the replies)
 
     def summary(self) -> None:
         log.info("FedDAT strategy: method %s, %d clients, %d rounds, aggregation %s of %s%s", self.cfg.method,
@@ -367,8 +372,22 @@ class FedDATStrategy(Strategy):
         config["resumed-from"] = self.offset
         record = RecordDict({ARRAYS: arrays, CONFIG: config, RUN_CONFIG: self.run_record})
         wanted = set(self.names if names is None else names)
-        return [Message(content=record, dst_node_id=node, message_type=kind, group_id=str(server_round))
-                for node in sorted(self.nodes, key=self.nodes.get) if self.names[self.nodes[node]] in wanted]
+        self._outgoing = [Message(content=record, dst_node_id=node, message_type=kind, group_id=str(server_round))
+                          for node in sorted(self.nodes, key=self.nodes.get) if self.names[self.nodes[node]] in wanted]
+        return self._outgoing
+
+    def _reply_node(self, m: Message) -> int | None:
+        """The node a reply answers for: its sender, or, for the error the SuperLink sends in the name of a node
+        it counts as gone ("Node Unavailable"), the node the message went to."""
+        if m.metadata.src_node_id in self.nodes:
+            return m.metadata.src_node_id
+        return next((sent.metadata.dst_node_id for sent in self._outgoing
+                     if sent.metadata.message_id == m.metadata.reply_to_message_id), None)
+
+    def _label(self, m: Message) -> str:
+        node = self._reply_node(m)
+        return f"client {self.names[self.nodes[node]]} (node {node})" if node in self.nodes else \
+            f"node {m.metadata.src_node_id}"
 
     def _valid(self, replies: Iterable[Message], stage: str) -> tuple[list[Message], list[str]]:
         """Replies without errors, in client order, and the errors of the others."""
@@ -382,7 +401,7 @@ class FedDATStrategy(Strategy):
                 raise FedDATError(f"{stage} reply from node {m.metadata.src_node_id} claims client {index}, but that "
                                   f"node serves client {self.nodes.get(m.metadata.src_node_id)}")
             ok.append(m)
-        return sorted(ok, key=lambda m: int(m.content[METRICS]["client-index"])), _errors(replies)
+        return sorted(ok, key=lambda m: int(m.content[METRICS]["client-index"])), _errors(replies, self._label)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -391,6 +410,8 @@ class FedDATStrategy(Strategy):
         self._grid, self._arrays = grid, arrays
         if self.bar is not None:
             self.bar.set_description(f"{self.cfg.method} round {server_round}/{self.cfg.rounds}")
+        if self.cfg.secure_aggregation:
+            return []  # the round's messages are SecAgg+'s, sent from aggregate_train
         return self._messages(server_round, arrays, config, MessageType.TRAIN)
 
     def _collect(self, collector: RoundCollector, replies: Iterable[Message], asked: list[str]) -> None:
@@ -398,7 +419,7 @@ class FedDATStrategy(Strategy):
         clients asked that sent nothing within the timeout are missing."""
         heard = set()
         for m in replies:
-            index = self.nodes.get(m.metadata.src_node_id)
+            index = self.nodes.get(self._reply_node(m))
             if index is None:
                 log.warning("round %d: ignoring a reply from unknown node %s", collector.round_idx + 1,
                             m.metadata.src_node_id)
@@ -423,16 +444,20 @@ class FedDATStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.offset
-        collector = RoundCollector(self.cfg, self.names, self.method.shared is not None, self.global_state,
-                                   server_round - 1)
-        self._collect(collector, replies, self.names)
-        while collector.retry():
-            asked = collector.to_retry()
-            config = ConfigRecord({"attempt": collector.attempts - 1})
-            msgs = self._messages(server_round, self._arrays, config, MessageType.TRAIN, asked)
-            self._collect(collector, self._grid.send_and_receive(msgs, timeout=self.timeout), asked)
-        self._round = collector
-        new = collector.aggregate()  # FedDATError when too few clients gave a usable result
+        secure = self.cfg.secure_aggregation
+        collector = RoundCollector(self.cfg, self.names, self.method.shared is not None and not secure,
+                                   self.global_state, server_round - 1)
+        if secure:
+            new = self._secure_round(collector, server_round)
+        else:
+            self._collect(collector, replies, self.names)
+            while collector.retry():
+                asked = collector.to_retry()
+                config = ConfigRecord({"attempt": collector.attempts - 1})
+                msgs = self._messages(server_round, self._arrays, config, MessageType.TRAIN, asked)
+                self._collect(collector, self._grid.send_and_receive(msgs, timeout=self.timeout), asked)
+            self._round = collector
+            new = collector.aggregate()  # FedDATError when too few clients gave a usable result
         arrays = None
         if self.method.shared:
             self.global_state = new
@@ -441,6 +466,35 @@ class FedDATStrategy(Strategy):
         total = sum(sizes.values())
         means = {f"train.{k}": sum(train[n][k] * sizes[n] for n in train) / total for k in next(iter(train.values()))}
         return arrays, MetricRecord(means)
+
+    def _secure_round(self, collector: RoundCollector, server_round: int) -> State:
+        """A training round whose updates are aggregated with SecAgg+ (feddat.federation.secagg): the server
+        learns each client's metrics and the mean change of the global adapter, not the updates."""
+        from feddat.federation.aggregate import update_bytes
+        from feddat.federation.secagg import RESUMED_KEY, ROUND_KEY, RUN_CONFIG_KEY, new_global, secure_round
+
+        config = {RUN_CONFIG_KEY: json.dumps(dict(self.run_record)), ROUND_KEY: server_round,
+                  RESUMED_KEY: self.offset}
+        result = secure_round(self._grid, sorted(self.nodes, key=self.nodes.get), self.global_state, config,
+                              self.cfg, server_round, self.timeout)
+        for node, metrics in result.answered.items():
+            index = self.nodes.get(node)
+            if index is None or int(metrics["client-index"]) != index:
+                raise FedDATError(f"round {server_round}: the SecAgg+ sum holds the update of node {node}, which "
+                                  f"claims client {metrics.get('client-index')}: the round cannot be used")
+            train = {k[len("train."):]: float(v) for k, v in metrics.items() if k.startswith("train.")}
+            collector.answered(self.names[index], train, int(metrics["num-examples"]), None)
+        dropped = "; ".join(result.failures) or "no masked update reached the sum"
+        for name in self.names:
+            if name not in collector.train:
+                collector.failed(name, f"dropped out of the SecAgg+ round ({short_reason(dropped)})")
+        self._round = collector
+        collector.aggregate()  # FedDATError when fewer than min-clients took part
+        if result.mean_change is None:
+            raise FedDATError(f"round {server_round} failed: secure aggregation did not complete: {dropped}")
+        collector.sent = {name: update_bytes(self.global_state) for name in collector.train}
+        collector.info["secure_aggregation"] = {"protocol": "SecAgg+", "clients": sorted(collector.train)}
+        return new_global(self.global_state, result.mean_change)
 
     def _evaluates(self, server_round: int) -> bool:
         return server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds
@@ -571,7 +625,7 @@ def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_s
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     method = get_method(cfg.method)
-    n = len(BENCHMARKS[cfg.benchmark]())
+    n = len(cfg.client_specs())
     if resume is not None:
         check_resumable(cfg, resume)
     done = resume.round if resume is not None else 0
@@ -668,7 +722,7 @@ def run_flower(cfg: RunConfig, out_dir: Path | None = None, progress: bool = Tru
         flwr_logger.setLevel(logging.WARNING)
     try:
         run_simulation(server_app=make_server_app(cfg, out_dir, progress, sink, t_start, resume), client_app=client_app,
-                       num_supernodes=len(BENCHMARKS[cfg.benchmark]()), backend_config=backend_config)
+                       num_supernodes=len(cfg.client_specs()), backend_config=backend_config)
     finally:
         flwr_logger.setLevel(level)
     if "error" in sink:

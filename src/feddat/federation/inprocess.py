@@ -14,6 +14,7 @@ from tqdm import tqdm
 from feddat.algorithms.registry import get_method
 from feddat.config import RunConfig
 from feddat.data.benchmarks import ClientData, load_benchmark
+from feddat.errors import FedDATError
 from feddat.eval.results import History
 from feddat.federation.checkpoint import Checkpoint, check_fits, save_checkpoint
 from feddat.federation.faults import Fault, check_crash, corrupt, delay, parse_faults
@@ -40,7 +41,7 @@ def build(cfg: RunConfig) -> Setup:
     backbone, tokenizer = load_backbone(cfg.model_path, cfg.device)
     text_len = backbone.config.max_position_embeddings
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    clients = load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer, text_len, cache)
+    clients = load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer, text_len, cache)[:len(cfg.client_specs())]
     worker = Worker(get_method(cfg.method), backbone, cfg.reduction, cfg.local, cfg.device, cfg.warmup)
     return Setup(cfg, clients, worker)
 
@@ -96,6 +97,9 @@ def run(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True,
     of a run of this config, `feddat.federation.checkpoint.load_checkpoint`): go on after its last round."""
     from feddat.eval.tracking import open_tracker
 
+    if cfg.secure_aggregation:
+        raise FedDATError("secure-aggregation needs the Flower engine (feddat run --engine flower, flwr run or "
+                          "feddat deploy): in one process there is nothing to hide the updates from")
     t_start = time.time()
     out_dir = Path(out_dir) if out_dir is not None else None
     tracker = open_tracker(cfg.tracker, out_dir, cfg.to_dict())

@@ -1,12 +1,15 @@
 """What a client does in a round, whichever engine carries the messages.
 
 One Worker per process holds the frozen backbone with adapter slots; a client's private state (its
-private adapters and head) is a flat dict of tensors loaded into the worker when the client trains or
-is scored, so memory does not grow with the number of clients.
+private adapters, its head and any further private tensors of its method, `Method.private_state`) is a flat
+dict of tensors loaded into the worker when the client trains or is scored, so memory does not grow with the
+number of clients. What travels is the method's `shared_state`: a named adapter, or another named set of
+tensors (backbone biases, LoRA weights, ...) for methods that train more than adapters.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +53,11 @@ class Worker:
         self.local = local
         self.device = torch.device(device)
         self.warmup = warmup
-        self.model = adapt_vilt(backbone, method.adapters, reduction).to(self.device)
+        if method.modifies_backbone:  # it trains or hooks backbone modules: never those of a shared backbone
+            backbone = copy.deepcopy(backbone)
+        self.model = adapt_vilt(backbone, method.adapters, reduction)
+        method.attach(self.model, local)
+        self.model.to(self.device)
         self.dim = backbone.config.hidden_size
         self.bottleneck = self.dim // reduction
         for name in method.adapters:
@@ -65,8 +72,13 @@ class Worker:
         return {f"{i}.{k}": v.clone() for i in range(len(self.model.slots)) for k, v in a.state_dict().items()}
 
     def initial_global(self, seed: int) -> State | None:
-        """The server's starting point for the shared adapter (None when nothing travels)."""
-        return self._fresh_adapter(mix_seed(seed, 0xA11)) if self.method.shared else None
+        """The server's starting point for what travels (None when nothing does)."""
+        if not self.method.shared:
+            return None
+        if self.method.shares_adapter:
+            return self._fresh_adapter(mix_seed(seed, 0xA11))
+        return {k: v.detach().cpu().clone() for k, v in
+                self.method.initial_shared_state(self.model, mix_seed(seed, 0xA11)).items()}
 
     def initial_state(self, client_index: int, n_answers: int, seed: int) -> State:
         state: State = {}
@@ -80,16 +92,18 @@ class Worker:
             head = AnswerHead(self.dim, n_answers)
         for k, v in head.state_dict().items():
             state[f"head.{k}"] = v.clone()
+        state.update(self.method.initial_private_state(self.local))
         return state
 
     def _load(self, state: State, global_state: State | None, n_answers: int) -> AnswerHead:
         for name in self.method.adapters:
             if name == self.method.shared:
-                if global_state is not None:
-                    self.model.load_adapter_state(name, global_state)
                 continue
             prefix = f"adapter.{name}."
             self.model.load_adapter_state(name, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        if self.method.shared and global_state is not None:
+            self.method.load_shared_state(self.model, global_state)
+        self.method.load_private_state(self.model, state)
         head = AnswerHead(self.dim, n_answers).to(self.device)
         head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
         return head
@@ -102,6 +116,7 @@ class Worker:
                     state[f"adapter.{name}.{k}"] = v.cpu()
         for k, v in head.state_dict().items():
             state[f"head.{k}"] = v.detach().cpu().clone()
+        state.update({k: v.detach().cpu().clone() for k, v in self.method.private_state(self.model).items()})
         return state
 
     # ----- round -----
@@ -116,11 +131,12 @@ class Worker:
         gen = torch.Generator().manual_seed(mix_seed(seed, round_idx, client_index, 0xF17))
         n = len(data.train)
         batches_per_epoch = -(-n // cfg.batch_size)
-        epochs = cfg.local_epochs * method.epochs_factor
+        epochs = method.local_epochs(cfg)
         total_steps = epochs * batches_per_epoch
         sums: dict[str, float] = {}
         step = 0
-        for _ in range(epochs):
+        for epoch in range(epochs):
+            method.begin_epoch(epoch, cfg)
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, cfg.batch_size):
                 factor = lr_factor((round_idx + step / total_steps) / total_rounds, self.warmup)
@@ -134,13 +150,11 @@ class Worker:
                 if progress is not None:
                     progress.update(1)
         metrics = {k: v / max(step, 1) for k, v in sums.items()}
-        update = self.model.adapter_state(method.shared) if method.shared else None
-        if update is not None:
-            update = {k: v.cpu() for k, v in update.items()}
+        update = {k: v.detach().cpu() for k, v in method.shared_state(self.model).items()} if method.shared else None
         return FitResult(self._save(head), update, metrics, n)
 
     def steps_per_round(self, n_train: int) -> int:
-        return self.local.local_epochs * self.method.epochs_factor * -(-n_train // self.local.batch_size)
+        return self.method.local_epochs(self.local) * -(-n_train // self.local.batch_size)
 
     # ----- scoring and prediction -----
     def prepare_eval(self, state: State, global_state: State | None, n_answers: int,
@@ -155,15 +169,37 @@ class Worker:
     @torch.no_grad()
     def export(self, state: State, global_state: State | None, n_answers: int, newest_global: bool = True) -> State:
         """The client's personalised model as scored: every named adapter (`adapter.<name>.<layer>.<param>`,
-        the global one and FedDAT's frozen copy as prepared for evaluation) and the head (`head.<param>`)."""
+        the global one and FedDAT's frozen copy as prepared for evaluation), shared tensors that are not an
+        adapter (`<shared>.<key>`, e.g. `lora.<key>`), the method's further private tensors and the head
+        (`head.<param>`)."""
         head = self.prepare_eval(state, global_state, n_answers, newest_global)
+        method = self.method
         out: State = {}
-        for name in self.method.adapters:
+        for name in method.adapters:
             for k, v in self.model.adapter_state(name).items():
                 out[f"adapter.{name}.{k}"] = v.detach().cpu().contiguous()
+        if method.shared and not method.shares_adapter:
+            for k, v in method.shared_state(self.model).items():
+                out[method.shared_prefix + k] = v.detach().cpu().contiguous().clone()
+        for k, v in method.private_state(self.model).items():
+            out[k] = v.detach().cpu().contiguous().clone()
         for k, v in head.state_dict().items():
             out[f"head.{k}"] = v.detach().cpu().contiguous().clone()
         return out
+
+    def export_shapes(self, n_answers: int) -> dict[str, tuple[int, ...]]:
+        """The keys and shapes of `export` for a client with `n_answers` answers."""
+        method = self.method
+        shapes = {f"adapter.{n}.{k}": tuple(v.shape) for n in method.adapters
+                  for k, v in self.model.adapter_state(n).items()}
+        if method.shared and not method.shares_adapter:
+            shapes.update({method.shared_prefix + k: tuple(v.shape)
+                           for k, v in method.shared_state(self.model).items()})
+        shapes.update({k: tuple(v.shape) for k, v in method.initial_private_state(self.local).items()})
+        with torch.random.fork_rng(devices=[]):  # a template head: leave the caller's random stream alone
+            head = AnswerHead(self.dim, n_answers)
+        shapes.update({f"head.{k}": tuple(v.shape) for k, v in head.state_dict().items()})
+        return shapes
 
     @torch.no_grad()
     def evaluate(self, data: ClientData, state: State, global_state: State | None, split: str = "test",

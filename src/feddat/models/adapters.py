@@ -6,9 +6,11 @@ so the dual adapter is ours: a few dozen lines, tested against the formula it im
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # Which adapters each view adds to a layer's output, and with what weight.
@@ -18,6 +20,13 @@ VIEWS: dict[str, tuple[tuple[str, float], ...]] = {
     "local": (("local", 1.0),),
     "teacher": (("local", 0.5), ("global_frozen", 0.5)),   # the Dual-Adapter Teacher
     "frozen": (("global_frozen", 1.0),),                   # single-adapter teacher (ablation)
+}
+
+# Views that run one adapter whose *parameters* mix two named adapters: alpha * first + (1 - alpha) * second,
+# alpha set by `AdaptedModel.set_parameter_mix` (APFL's personalised model). The second enters detached: APFL
+# trains it on its own loss, not through the mix.
+PARAMETER_VIEWS: dict[str, tuple[str, str]] = {
+    "mixed": ("local", "global"),
 }
 
 
@@ -37,22 +46,57 @@ class BottleneckAdapter(nn.Module):
         return self.up(torch.relu(self.down(h)))
 
 
+def mixed_adapter(first: BottleneckAdapter, second: BottleneckAdapter, alpha: torch.Tensor | float,
+                  h: torch.Tensor) -> torch.Tensor:
+    """The bottleneck adapter with parameters alpha * first + (1 - alpha) * second.detach(), applied to h."""
+    def mix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return alpha * a + (1 - alpha) * b.detach()
+
+    down = F.linear(h, mix(first.down.weight, second.down.weight), mix(first.down.bias, second.down.bias))
+    return F.linear(torch.relu(down), mix(first.up.weight, second.up.weight), mix(first.up.bias, second.up.bias))
+
+
+@dataclass(frozen=True)
+class ParameterMix:
+    """A PARAMETER_VIEWS view as a slot runs it: one adapter with parameters alpha * first + (1 - alpha) * second."""
+
+    first: str
+    second: str
+    alpha: torch.Tensor | float
+
+
+Mix = tuple[tuple[str, float], ...] | ParameterMix
+
+
 class AdapterSlot(nn.Module):
-    """The adapters of one transformer layer: h -> h + sum_k w_k * A_k(h) over the active view."""
+    """The adapters of one transformer layer: h -> h + sum_k w_k * A_k(h) over the active view.
+
+    With `split` set (one mix per view), the batch is cut into that many equal parts along its first
+    dimension and part i goes through mix i: several views of the same inputs in one forward pass.
+    """
 
     def __init__(self, names: tuple[str, ...], dim: int, bottleneck: int):
         super().__init__()
         self.adapters = nn.ModuleDict({n: BottleneckAdapter(dim, bottleneck) for n in names})
-        self.mix: tuple[tuple[str, float], ...] = ()
+        self.mix: Mix = ()
+        self.split: tuple[Mix, ...] = ()
 
     def hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
         return self(output)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if not self.mix:
+        if self.split:
+            if h.shape[0] % len(self.split):
+                raise ValueError(f"a batch of {h.shape[0]} does not split into {len(self.split)} equal views")
+            return torch.cat([self._mixed(part, mix) for part, mix in zip(h.chunk(len(self.split)), self.split)])
+        return self._mixed(h, self.mix)
+
+    def _mixed(self, h: torch.Tensor, mix: Mix) -> torch.Tensor:
+        if isinstance(mix, ParameterMix):
+            return h + mixed_adapter(self.adapters[mix.first], self.adapters[mix.second], mix.alpha, h)
+        if not mix:
             return h
-        delta = sum(w * self.adapters[n](h) for n, w in self.mix)
-        return h + delta
+        return h + sum(w * self.adapters[n](h) for n, w in mix)
 
 
 class AdaptedModel(nn.Module):
@@ -71,17 +115,42 @@ class AdaptedModel(nn.Module):
         # Bound methods (not closures) as hooks, so that copy.deepcopy of the model rewires them to the copy.
         self._hooks = [layer.register_forward_hook(slot.hook) for layer, slot in zip(layers, self.slots)]
         self.view = "none"
+        self.mix_alpha: torch.Tensor | float | None = None  # the weight of PARAMETER_VIEWS views
+
+    def set_parameter_mix(self, alpha: torch.Tensor | float) -> None:
+        """The weight alpha of the first adapter in PARAMETER_VIEWS views (a tensor may require grad); takes
+        effect at the next set_view."""
+        self.mix_alpha = alpha
 
     def set_view(self, view: str) -> None:
+        mix = self._mix(view)
+        for slot in self.slots:
+            slot.mix, slot.split = mix, ()
+        self.view = view
+
+    def set_views(self, views: tuple[str, ...]) -> None:
+        """One view per equal part of the batch (first part, first view): the batch must hold the inputs
+        repeated len(views) times, and the pooled output splits the same way."""
+        mixes = tuple(self._mix(v) for v in views)
+        for slot in self.slots:
+            slot.mix, slot.split = (), mixes
+        self.view = "+".join(views)
+
+    def _mix(self, view: str) -> Mix:
+        if view in PARAMETER_VIEWS:
+            missing = [n for n in PARAMETER_VIEWS[view] if n not in self.names]
+            if missing:
+                raise ValueError(f"view {view!r} needs adapters {missing} that this model does not have")
+            if self.mix_alpha is None:
+                raise ValueError(f"view {view!r} mixes adapter parameters: set its weight with set_parameter_mix")
+            return ParameterMix(*PARAMETER_VIEWS[view], self.mix_alpha)
         if view not in VIEWS:
-            raise ValueError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
+            raise ValueError(f"unknown view {view!r}; choose one of {', '.join([*VIEWS, *PARAMETER_VIEWS])}")
         mix = VIEWS[view]
         missing = [n for n, _ in mix if n not in self.names]
         if missing:
             raise ValueError(f"view {view!r} needs adapters {missing} that this model does not have")
-        for slot in self.slots:
-            slot.mix = mix
-        self.view = view
+        return mix
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for slot in self.slots for p in slot.adapters[name].parameters()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +27,30 @@ def small_vilt_config(vocab_size: int, hidden: int = 128, layers: int = 4, heads
         num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_image_length=-1,
         modality_type_vocab_size=2, type_vocab_size=2,
     )
+
+
+SIZES = ("small", "base")
+
+
+def vilt_config(size: str) -> ViltConfig:
+    """The architecture of a named size: `small` = the embedded backbone's, `base` = ViLT-B/32 (ViltConfig's
+    defaults, the architecture of vilt-b32-mlm: 12 layers of width 768, 384 px images in 32 px patches,
+    40 text positions, BERT's vocabulary)."""
+    if size == "small":
+        return ViltConfig.from_pretrained(str(EMBEDDED_DIR))
+    if size == "base":
+        return ViltConfig()
+    raise FedDATError(f"unknown backbone size {size!r}; choose one of {', '.join(SIZES)}")
+
+
+def random_backbone(size: str, device: str | torch.device = "cpu", seed: int = 0) -> ViltModel:
+    """A frozen ViLT of a named size with random weights (no download): for timing and memory, not accuracy."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViltModel(vilt_config(size), add_pooling_layer=True)
+    model.to(device).eval()
+    freeze(model)
+    return model
 
 
 def build_word_tokenizer(words: list[str], max_length: int = 12) -> PreTrainedTokenizerFast:
@@ -71,6 +96,65 @@ def encode(model: ViltModel, input_ids: torch.Tensor, attention_mask: torch.Tens
     pixel_mask = torch.ones(img.shape[:2], dtype=torch.long, device=img.device)
     out = model(input_ids=input_ids, attention_mask=attention_mask, image_embeds=img, pixel_mask=pixel_mask)
     return out.last_hidden_state, out.pooler_output
+
+
+@dataclass
+class LayerCall:
+    """The call ViLT's encoder makes to one of its layers, as the installed transformers builds it: the hidden
+    states and the other arguments (attention mask, ...). `encode_from` runs the rest of the model from it."""
+
+    index: int
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+
+    def repeated(self, times: int) -> "LayerCall":
+        """The call for the batch repeated `times` times along its first dimension: the hidden states and
+        every argument that has the batch as its first dimension (the attention mask) are repeated."""
+        n = self.hidden.shape[0]
+
+        def rep(x):
+            return torch.cat([x] * times) if torch.is_tensor(x) and x.dim() and x.shape[0] == n else x
+
+        return LayerCall(self.index, rep(self.hidden), tuple(rep(a) for a in self.args),
+                         {k: rep(v) for k, v in self.kwargs.items()})
+
+
+class _LayerReached(Exception):
+    def __init__(self, call: LayerCall):
+        super().__init__(f"encoder layer {call.index} reached")
+        self.call = call
+
+
+def encode_until(model: ViltModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 pixel_values: torch.Tensor, index: int) -> LayerCall:
+    """Run ViLT's own forward up to encoder layer `index` (embeddings and the layers before it) and stop there.
+
+    The forward stops by an exception from a pre-hook of that layer, so that the mask and every other argument
+    are the ones the installed transformers builds: `encode_from` then gives `encode`'s result exactly.
+    """
+    def stop(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        raise _LayerReached(LayerCall(index, hidden, tuple(args[1:]), kwargs))
+
+    handle = model.encoder.layer[index].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        encode(model, input_ids, attention_mask, pixel_values)
+    except _LayerReached as reached:
+        return reached.call
+    finally:
+        handle.remove()
+    raise FedDATError(f"ViLT's forward never called encoder layer {index}")
+
+
+def encode_from(model: ViltModel, call: LayerCall, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence output, pooled output) of ViLT from `hidden` entering encoder layer `call.index`."""
+    for layer in model.encoder.layer[call.index:]:
+        out = layer(hidden, *call.args, **call.kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    sequence = model.layernorm(hidden)
+    return sequence, model.pooler(sequence)
 
 
 def file_sha256(path: Path) -> str:

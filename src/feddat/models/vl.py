@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from feddat.models.adapters import AdaptedModel
-from feddat.models.backbone import encode
+from feddat.models.backbone import encode, encode_from, encode_until
 
 
 class AnswerHead(nn.Module):
@@ -32,3 +32,26 @@ def adapt_vilt(backbone, names: tuple[str, ...], reduction: int) -> AdaptedModel
 def pooled_features(model: AdaptedModel, batch: dict) -> torch.Tensor:
     """The pooled [CLS] vector under the model's current view."""
     return encode(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1]
+
+
+def pooled_features_of_views(model: AdaptedModel, batch: dict, views: tuple[str, ...],
+                             stacked: bool = False) -> list[torch.Tensor]:
+    """`pooled_features` under each view, with what comes before the first adapter slot (embeddings and
+    ViLT's first layer, the same in every view) computed once. One pass per view in turn (the model is left
+    in the last view), or with `stacked` one pass over the views side by side along the batch dimension
+    (`AdaptedModel.set_views`), split again at the end.
+
+    The values are those of separate `pooled_features` calls (up to rounding when stacked); the shared part
+    must not require gradients (a frozen backbone), since every view's backward goes through it.
+    """
+    model.set_view("none")
+    call = encode_until(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], 1)
+    if stacked:
+        model.set_views(views)
+        call = call.repeated(len(views))
+        return list(encode_from(model.backbone, call, model.slots[0](call.hidden))[1].chunk(len(views)))
+    features = []
+    for view in views:
+        model.set_view(view)
+        features.append(encode_from(model.backbone, call, model.slots[0](call.hidden))[1])
+    return features

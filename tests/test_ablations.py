@@ -1,0 +1,116 @@
+"""Pins of FedDAT's ablations: each differs from FedDAT in exactly the piece it removes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from feddat.algorithms.ablations import FedDATNoFrozen, FedDATNoMKD, FedDATSingleTeacher
+from feddat.algorithms.base import LocalConfig
+from feddat.algorithms.feddat import FedDAT
+from feddat.models.backbone import load_backbone
+from feddat.models.vl import AnswerHead, adapt_vilt
+
+
+def _batch(tokenizer, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    enc = tokenizer(["what color is the circle ?", "is there a red square ?"] * (n // 2), padding="max_length",
+                    max_length=12, return_tensors="pt", return_token_type_ids=False)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "pixel_values": torch.rand(n, 3, 48, 48, generator=g) * 2 - 1,
+            "labels": torch.randint(0, 4, (n,), generator=g)}
+
+
+@pytest.fixture()
+def parts(tiny_backbone_dir):
+    backbone, tokenizer = load_backbone(tiny_backbone_dir)
+    return backbone, tokenizer
+
+
+def _model(backbone, method, seed=0):
+    model = adapt_vilt(backbone, method.adapters, reduction=4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in method.adapters:
+            for p in model.adapter_parameters(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                p.requires_grad_(name in method.trained)
+    torch.manual_seed(1)
+    return model, AnswerHead(backbone.config.hidden_size, 4)
+
+
+def _global_after_step(method, model, head, batch, perturb: str | None):
+    """The global adapter after one SGD train_step, with adapter `perturb` (a teacher part) changed first."""
+    model, head = copy.deepcopy(model), copy.deepcopy(head)
+    if perturb is not None:
+        with torch.no_grad():
+            for p in model.adapter_parameters(perturb):
+                p.add_(0.3)
+    opt = torch.optim.SGD(method.param_groups(model, head, LocalConfig()), lr=0.5)
+    method.train_step(model, head, batch, opt, LocalConfig())
+    return model.adapter_state("global")
+
+
+def _differs(a, b):
+    return any(not torch.allclose(a[k], b[k], rtol=0, atol=1e-9) for k in a)
+
+
+@pytest.mark.parametrize("method, teacher_part, learns_from_teacher", [
+    (FedDAT(), "local", True),
+    (FedDATNoMKD(), "local", False),            # no distillation: the student never sees the teacher
+    (FedDATSingleTeacher(), "global_frozen", True),
+    (FedDATNoFrozen(), "local", True),
+])
+def test_student_update_depends_on_the_teacher_only_with_distillation(parts, method, teacher_part,
+                                                                      learns_from_teacher):
+    backbone, tokenizer = parts
+    model, head = _model(backbone, method)
+    batch = _batch(tokenizer)
+    base = _global_after_step(method, model, head, batch, None)
+    moved = _global_after_step(method, model, head, batch, teacher_part)
+    assert _differs(base, moved) == learns_from_teacher
+
+
+def test_nomkd_losses_are_the_task_alone(parts):
+    task, kd = torch.tensor(2.0), torch.tensor(1.0)
+    assert FedDAT().mkd_loss(task, kd).item() == 1.5
+    assert FedDATNoMKD().mkd_loss(task, kd).item() == 2.0
+
+
+def test_single_teacher_is_the_frozen_copy_and_trains_the_global_adapter_and_head_only(parts):
+    backbone, tokenizer = parts
+    method = FedDATSingleTeacher()
+    assert method.adapters == ("global", "global_frozen") and method.teacher_view == "frozen"
+    model, head = _model(backbone, method)
+    method.begin_round(model)
+    frozen = model.adapter_state("global_frozen")
+    assert not _differs(frozen, model.adapter_state("global"))
+    opt = torch.optim.AdamW(method.param_groups(model, head, LocalConfig()))
+    method.train_step(model, head, _batch(tokenizer), opt, LocalConfig())
+    assert _differs(frozen, model.adapter_state("global"))
+    assert not _differs(frozen, model.adapter_state("global_frozen"))
+
+
+def test_nofrozen_has_no_frozen_copy_and_its_teacher_is_the_local_adapter(parts):
+    backbone, tokenizer = parts
+    method = FedDATNoFrozen()
+    assert "global_frozen" not in method.adapters and method.predict_view == method.teacher_view == "local"
+    model, head = _model(backbone, method)
+    method.begin_round(model)   # nothing to copy
+    method.prepare_eval(model, newest_global=True)
+    local = model.adapter_state("local")
+    opt = torch.optim.AdamW(method.param_groups(model, head, LocalConfig()))
+    method.train_step(model, head, _batch(tokenizer), opt, LocalConfig())
+    assert _differs(local, model.adapter_state("local"))
+
+
+def test_ablations_send_what_feddat_sends(tiny_config):
+    from feddat.federation.inprocess import build
+
+    shapes = {}
+    for name in ("feddat", "feddat-nomkd", "feddat-single-teacher", "feddat-nofrozen"):
+        worker = build(tiny_config(method=name)).worker
+        shapes[name] = {k: tuple(v.shape) for k, v in worker.initial_global(0).items()}
+    assert all(v == shapes["feddat"] for v in shapes.values())
