@@ -126,6 +126,31 @@ def _write_png(array: np.ndarray, path: Path) -> Path:
     return path
 
 
+def test_eval_on_a_labelled_file_matches_the_runs_score(saved_run, tmp_path, capsys):
+    cfg, out, results, _ = saved_run
+    recs = client_records(cfg.benchmark, cfg.seed, cfg.sizes, Path(cfg.cache_dir))["night"]["test"]
+    lines = []
+    for i, (q, a) in enumerate(zip(recs.questions, recs.answers)):
+        _write_png(recs.images[recs.image_index[i]], tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": q, "answer": a}))
+    (tmp_path / "test.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["eval", "--run", str(out), "--client", "night", "--data", str(tmp_path / "test.jsonl"),
+                 "--out", str(tmp_path / "ev"), "--quiet"]) == 0
+    data = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert data["n"] == len(recs.questions) and data["view"] == "teacher"
+    assert data["final"]["clients"]["night"] == pytest.approx(results["final"]["clients"]["night"], abs=1e-6)
+    assert data["unknown_answers"] == sum(a not in results["label_spaces"]["night"] for a in recs.answers)
+    assert "accuracy" in capsys.readouterr().out
+    assert main(["eval", "--run", str(out), "--client", "night", "--data", str(tmp_path / "test.jsonl"),
+                 "--view", "local", "--quiet"]) == 0
+    assert "(local view)" in capsys.readouterr().out
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "0.png", "question": "is there a box ?"}) + "\n")
+    assert main(["eval", "--run", str(out), "--client", "night", "--data", str(tmp_path / "bad.jsonl")]) == 2
+    assert 'record 1 needs a string field "answer"' in capsys.readouterr().err
+    assert main(["eval", "--run", str(out), "--data", str(tmp_path / "test.jsonl")]) == 2
+    assert "--data needs --client" in capsys.readouterr().err
+
+
 def test_predict_cli_in_a_fresh_process(saved_run, tiny_backbone_dir, tmp_path):
     import feddat
 

@@ -110,7 +110,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
-        raise FedDATError(f"--input {path} is unreadable: {e}") from e
+        raise FedDATError(f"{path} is unreadable: {e}") from e
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -203,11 +203,16 @@ def cmd_eval(args) -> int:
     from feddat.inference import evaluate_run
 
     clients = [args.client] if args.client else None
-    with _NoLoadBars():
-        data = evaluate_run(args.run, clients, args.model_path, args.cache_dir, args.device,
-                            progress=not args.quiet)
-    run_results = json.loads((Path(args.run) / "results.json").read_text())
-    print(client_table({**data, "rounds": run_results.get("rounds", [])[-1:]}))
+    if args.data is not None:
+        data = _eval_file(args)
+    else:
+        if args.view is not None:
+            raise FedDATError("--view applies to --data; a run's own test splits are scored in every view it reports")
+        with _NoLoadBars():
+            data = evaluate_run(args.run, clients, args.model_path, args.cache_dir, args.device,
+                                progress=not args.quiet)
+        run_results = json.loads((Path(args.run) / "results.json").read_text())
+        print(client_table({**data, "rounds": run_results.get("rounds", [])[-1:]}))
     out = Path(args.out) if args.out else None
     if out is not None:
         if out.exists() and not out.is_dir():
@@ -218,6 +223,29 @@ def cmd_eval(args) -> int:
         tmp.replace(out / "eval.json")
         print(f"\nwrote {out / 'eval.json'}")
     return 0
+
+
+def _eval_file(args) -> dict:
+    """Score one client's saved model on a labelled JSON-lines file (image, question, answer)."""
+    from feddat.inference import evaluate_file
+
+    if args.client is None:
+        raise FedDATError("--data needs --client: the file is scored with one client's model")
+    path = Path(args.data)
+    records = _read_jsonl(path)
+    if not records:
+        raise FedDATError(f"{path} holds no records to score")
+    for n, rec in enumerate(records, 1):
+        if not isinstance(rec.get("answer"), str):
+            raise FedDATError(f"{path} record {n} needs a string field \"answer\" to be scored")
+    with _NoLoadBars():
+        data = evaluate_file(args.run, args.client, records, path.parent, args.model_path, args.view, args.device,
+                             progress=not args.quiet)
+    data["data"] = str(path)
+    print(f"client {args.client} ({data['view']} view) on {path}: accuracy {data['final']['avg_score']:.4f} "
+          f"± {data['final']['avg_score_se']:.4f} over {data['n']} questions"
+          + (f"; {data['unknown_answers']} answers outside its label space" if data["unknown_answers"] else ""))
+    return data
 
 
 def cmd_methods(args) -> int:
@@ -282,12 +310,16 @@ def parser() -> argparse.ArgumentParser:
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
     pred.set_defaults(func=cmd_predict)
 
-    ev = sub.add_parser("eval", help="re-score a run's saved client models on their test splits")
+    ev = sub.add_parser("eval", help="re-score a run's saved client models on their test splits, or one client "
+                        "on a labelled JSON-lines file")
     ev.add_argument("--run", required=True, help="the --out directory of a `feddat run`")
     ev.add_argument("--client", help="only this client (default: every client)")
     ev.add_argument("--out", help="directory to write eval.json (final.clients, avg_score, ...)")
     ev.add_argument("--model-path", dest="model_path", help="the backbone (default: the one client.json names)")
     ev.add_argument("--cache-dir", dest="cache_dir", help="benchmark cache (default: the run's)")
+    ev.add_argument("--data", help="score --client on this JSON-lines file instead (image path relative to the "
+                    "file, question, answer)")
+    ev.add_argument("--view", help="with --data: the view to score (default: the method's predicting view)")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)

@@ -278,4 +278,34 @@ def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, mode
     return out
 
 
-__all__ = ["ClientModel", "load_client", "evaluate_run", "read_image", "saved_clients"]
+def evaluate_file(run_dir: str | Path, client: str, records: Sequence[dict], base: Path,
+                  model_path: str | Path | None = None, view: str | None = None, device: str = "cpu",
+                  batch_size: int = 64, progress: bool = False) -> dict:
+    """Score one saved client on labelled records ({"image": path, "question": ..., "answer": ...}; image paths
+    relative to `base`). An answer outside the client's label space counts as wrong and is counted apart.
+    Returns a results-like dict: final.clients {client: accuracy}, final.avg_score, n, unknown_answers, view."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    model = load_client(run_dir, client, model_path, device)
+    view = model._view(view)
+    known = set(model.answers)
+    correct = unknown = 0
+    with tqdm(total=len(records), desc=f"eval {client}", unit="question", disable=not progress) as bar:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            images = [read_image(base / r["image"] if not Path(r["image"]).is_absolute() else r["image"])
+                      for r in chunk]
+            logits = model.logits(images, [r["question"] for r in chunk], view)
+            for rec, row in zip(chunk, logits):
+                unknown += rec["answer"] not in known
+                correct += model.answers[int(row.argmax())] == rec["answer"]
+            bar.update(len(chunk))
+    score = correct / len(records) if records else float("nan")
+    se = (score * (1 - score) / len(records)) ** 0.5 if records else float("nan")
+    return {"run_dir": str(run_dir), "clients": [client], "view": view, "n": len(records),
+            "unknown_answers": unknown, "wall_seconds": time.time() - t_start,
+            "final": {"clients": {client: score}, "avg_score": score, "avg_score_se": se}}
+
+
+__all__ = ["ClientModel", "load_client", "evaluate_run", "evaluate_file", "read_image", "saved_clients"]
