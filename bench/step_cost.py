@@ -3,6 +3,7 @@
     python bench/step_cost.py                                             # small backbone, CPU, 1-2 minutes
     python bench/step_cost.py --size base --batch-size 2 --repeats 6 --warmup 1   # ViLT-B/32, CPU, ~5 minutes
     python bench/step_cost.py --size base --device cuda --batch-size 32 --amp --compile
+    python bench/step_cost.py --backbone blip                             # the small BLIP (dual-stream)
 
 Steps compared, on the same batches and the same backbone architecture (random weights, its own copy each):
 - `fedavg-adapter`: one forward and one backward through the global adapter (`Method.train_step`);
@@ -48,7 +49,7 @@ from feddat.algorithms.baselines import FedAvgAdapter
 from feddat.algorithms.feddat import FedDAT
 from feddat.algorithms.losses import kd_loss, task_loss
 from feddat.federation.worker import Worker
-from feddat.models.backbone import SIZES, encode, random_backbone, vilt_config
+from feddat.models.backbone import BACKBONES, SIZES, backbone_family, encode, random_backbone, vilt_config
 from feddat.models.vl import AnswerHead, pooled_features
 
 MODES = ("fedavg-adapter", "feddat", "feddat-fused", "feddat-3fwd", "full-finetune")
@@ -91,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=SIZES, default="small", help="small (the embedded backbone's architecture) or "
                    "base (ViLT-B/32); random weights either way (default: small)")
+    p.add_argument("--backbone", choices=BACKBONES, default="vilt", help="vilt (single-stream) or blip (dual-stream: "
+                   "BLIP's image encoder and text encoder with cross-attention; small = 4 + 4 layers of width 128 at "
+                   "48 px, base = BLIP-base) (default: vilt)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per step (default: 32)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0 = torch's default "
@@ -140,17 +144,40 @@ def make_batches(config, batch_size: int, answers: int, count: int, device, seed
     return out
 
 
+def backbone_shape(args):
+    """The config of the architecture timed (what `make_batches` reads), without building the model."""
+    if args.backbone == "blip":
+        from feddat.models.blip import QUESTION_TOKENS, BlipShape, blip_config
+
+        config = blip_config(args.size)
+        return BlipShape(config, min(config.text_config.max_position_embeddings, QUESTION_TOKENS))
+    return vilt_config(args.size)
+
+
 def compile_layers(backbone) -> None:
     """torch.compile each encoder layer (with its adapter hook) in place: FedDAT runs the layers after the
     first one itself, so compiling the whole model would leave them eager."""
-    for layer in backbone.encoder.layer:
+    if backbone_family(backbone) == "blip":
+        layers = [*backbone.vision_model.encoder.layers, *backbone.text_model.encoder.layer]
+    else:
+        layers = backbone.encoder.layer
+    for layer in layers:
         layer.compile()
+
+
+def plain_pooled(backbone, batch: dict) -> torch.Tensor:
+    """The pooled output of a backbone without adapters."""
+    if backbone_family(backbone) == "blip":
+        from feddat.models import blip
+
+        return blip.encode(backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1]
+    return encode(backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1]
 
 
 def adapter_contender(name: str, method: Method, fused: bool, args, device) -> Contender:
     """The method's own local step, on a Worker's model as in training."""
     local = LocalConfig(batch_size=args.batch_size, fused=fused)
-    backbone = random_backbone(args.size, device, seed=args.seed)
+    backbone = random_backbone(args.size, device, seed=args.seed, family=args.backbone)
     worker = Worker(method, backbone, args.reduction, local, device)
     if args.compile:
         compile_layers(backbone)
@@ -164,7 +191,7 @@ def adapter_contender(name: str, method: Method, fused: bool, args, device) -> C
 
 def full_finetune_contender(args, device) -> Contender:
     """Every backbone parameter and the head trained with the task loss (the paper's full-finetuning control)."""
-    backbone = random_backbone(args.size, device, seed=args.seed)
+    backbone = random_backbone(args.size, device, seed=args.seed, family=args.backbone)
     for p in backbone.parameters():
         p.requires_grad_(True)
     if args.compile:
@@ -175,7 +202,7 @@ def full_finetune_contender(args, device) -> Contender:
                             betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
 
     def step(batch: dict) -> dict:
-        pooled = encode(backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1]
+        pooled = plain_pooled(backbone, batch)
         loss = task_loss(head(pooled), batch["labels"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -331,7 +358,7 @@ def markdown(result: dict) -> str:
     s, clock = result["settings"], result["clock"]
     modes, other = result["modes"][clock], result["modes"]["wall" if clock == "cpu" else "cpu"]
     names = {"cpu": "process CPU time", "wall": "wall clock"}
-    lines = [f"Step cost, {s['size']} backbone, {s['device']}, batch {s['batch_size']}, threads {s['threads']}, "
+    lines = [f"Step cost, {s['size']} {s.get('backbone', 'vilt')} backbone, {s['device']}, batch {s['batch_size']}, threads {s['threads']}, "
              f"amp {s['amp']}, compile {s['compile']}; {s['repeats']} interleaved rounds of {s['steps']} step(s), "
              f"{s['warmup']} warm-up steps; load average {s['load_before'][0]:.2f} before, "
              f"{s['load_after'][0]:.2f} after, on {s['cpus']} CPUs. Times by {names[clock]}.", "",
@@ -381,7 +408,7 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     started = time.time()
     contenders = build(args, device)
-    batches = make_batches(vilt_config(args.size), args.batch_size, args.answers, 4, device, args.seed)
+    batches = make_batches(backbone_shape(args), args.batch_size, args.answers, 4, device, args.seed)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
     seconds = time_steps(contenders, batches, args, device, autocast)
     memory = {c.name: measure_memory(c, batches[0], device, autocast) for c in contenders}

@@ -4,7 +4,8 @@
         --benchmarks domain,domain-noskill,domain-noshift \
         --methods feddat,fedavg-adapter,fedavg-adapter-2x,local-adapter,head-only
 
-Prints and writes, per benchmark, the comparison table (runs/testbed/<benchmark>/table.md|json) and a
+Prints and writes, per benchmark, the comparison table of `feddat compare` (runs/testbed/<benchmark>/
+table.md|json, compare.png: the same code, feddat.eval.compare) and a
 breakdown by question kind (new words: the shared skill; words with client-specific meanings), averaged
 over clients and seeds, to runs/testbed/<benchmark>/summary.md. Finished runs are reused when restarted.
 """
@@ -16,7 +17,7 @@ import json
 from pathlib import Path
 
 from feddat.config import RunConfig
-from feddat.eval.compare import run_comparison
+from feddat.eval.compare import parse_overrides, parse_seeds, resolve_methods, run_comparison
 from feddat.eval.results import mean_and_se
 
 
@@ -28,7 +29,10 @@ def breakdown_rows(out: Path, methods: list[str], seeds: list[int]) -> list[str]
         for key in keys:
             per_seed = []
             for s in seeds:
-                r = json.loads((out / m / f"seed{s}" / "results.json").read_text())
+                path = out / m / f"seed{s}" / "results.json"
+                if not path.exists():  # the method could not run (table.md says why)
+                    continue
+                r = json.loads(path.read_text())
                 vals = [b[key] for b in r["final"]["breakdown"].values() if key in b]
                 if vals:
                     per_seed.append(sum(vals) / len(vals))
@@ -56,16 +60,15 @@ def main() -> None:
     p.add_argument("--model-path", default=None, help="backbone directory (default: the embedded one)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    methods = args.methods.split(",")
+    seeds = parse_seeds(args.seeds)
+    methods = resolve_methods(args.methods)
     out = Path(args.out)
     summary = []
     for bench in args.benchmarks.split(","):
-        extra = {k: type(getattr(RunConfig(), k) if getattr(RunConfig(), k) is not None else "")(v)
-                 for k, v in (kv.split("=", 1) for kv in args.set)}
+        extra = parse_overrides(args.set)
         base = RunConfig(benchmark=bench, **extra, rounds=args.rounds, threads=args.threads, model_path=args.model_path,
                          eval_every=args.eval_every, local_epochs=args.local_epochs).validate()
-        table = run_comparison(base, methods, seeds, out / bench, progress=not args.quiet)
+        run_comparison(base, methods, seeds, out / bench, progress=not args.quiet)
         md = (out / bench / "table.md").read_text()
         part = [f"## {bench} (seeds {args.seeds})", "", md,
                 "Mean over clients and seeds (± s.e. over seeds) by kind of question:", "",
@@ -74,7 +77,6 @@ def main() -> None:
         print("\n".join(part))
         (out / bench / "summary.md").write_text("\n".join(part) + "\n")
         summary += part
-        del table
 
 
 if __name__ == "__main__":

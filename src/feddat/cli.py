@@ -1,4 +1,4 @@
-"""The `feddat` command line: run, deploy, predict, eval, methods, pretrain."""
+"""The `feddat` command line: run, compare, tune, deploy, predict, eval, data, methods, pretrain."""
 
 from __future__ import annotations
 
@@ -19,8 +19,21 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         kind = _boolean if isinstance(default, bool) else type(default) if default is not None else str
+        if f.name == "clients_per_round":
+            kind = _count_or_fraction
         p.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
                        help=f"(default: {default})")
+
+
+def _count_or_fraction(text: str) -> int | float:
+    """An integer count ('10') or a fraction ('0.1')."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a count or a fraction in (0, 1], got {text!r}") from None
 
 
 def _boolean(text: str) -> bool:
@@ -162,7 +175,7 @@ def _predict(args) -> int:
         raise FedDATError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.image is not None:
         image = read_image(args.image)
-        model = load_client(args.run, args.client, args.model_path, args.device)
+        model = load_client(args.run, args.client, args.model_path, args.device, args.backbone)
         (answers,) = model.predict([image], [args.question], view=args.view, top_k=args.top_k)
         width = max(len(a) for a, _ in answers)
         for answer, p in answers:
@@ -176,7 +189,7 @@ def _predict(args) -> int:
     base = input_path.parent
     # an image path is relative to the input file (or, if not found there, to the working directory)
     resolve = lambda p: base / p if not Path(p).is_absolute() and (base / p).exists() else Path(p)
-    model = load_client(args.run, args.client, args.model_path, args.device)
+    model = load_client(args.run, args.client, args.model_path, args.device, args.backbone)
     out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
@@ -210,7 +223,7 @@ def cmd_eval(args) -> int:
             raise FedDATError("--view applies to --data; a run's own test splits are scored in every view it reports")
         with _NoLoadBars():
             data = evaluate_run(args.run, clients, args.model_path, args.cache_dir, args.device,
-                                progress=not args.quiet)
+                                progress=not args.quiet, family=args.backbone)
         run_results = json.loads((Path(args.run) / "results.json").read_text())
         print(client_table({**data, "rounds": run_results.get("rounds", [])[-1:]}))
     out = Path(args.out) if args.out else None
@@ -240,7 +253,7 @@ def _eval_file(args) -> dict:
             raise FedDATError(f"{path} record {n} needs a string field \"answer\" to be scored")
     with _NoLoadBars():
         data = evaluate_file(args.run, args.client, records, path.parent, args.model_path, args.view, args.device,
-                             progress=not args.quiet)
+                             progress=not args.quiet, family=args.backbone)
     data["data"] = str(path)
     print(f"client {args.client} ({data['view']} view) on {path}: accuracy {data['final']['avg_score']:.4f} "
           f"± {data['final']['avg_score_se']:.4f} over {data['n']} questions"
@@ -253,8 +266,55 @@ def cmd_methods(args) -> int:
 
     width = max(len(n) for n in METHODS)
     for name, m in METHODS.items():
-        sends = f"sends {m.shared}" if m.shared else "sends nothing"
+        sends = "pools raw data, not federated" if m.pooled else f"sends {m.shared}" if m.shared else "sends nothing"
         print(f"{name.ljust(width)}  {m.summary} [{sends}; predicts with the {m.predict_view} view]")
+    return 0
+
+
+def _comparison_base(args, command: str):
+    """The config every run of a comparison or search shares: --config, then the run flags (not --method or
+    --seed, which the command sets per run)."""
+    from feddat.config import RunConfig
+
+    for name, instead in (("method", "--methods"), ("seed", "--seeds")):
+        if getattr(args, name) is not None:
+            raise FedDATError(f"feddat {command} sets --{name} per run; give {instead} instead")
+    values = _given_values(args)
+    if values.get("engine", "inprocess") != "inprocess":
+        raise FedDATError(f"feddat {command} runs on the in-process engine; leave out --engine")
+    values.pop("method", None)
+    values.pop("seed", None)
+    return RunConfig.from_dict(values)
+
+
+def cmd_compare(args) -> int:
+    from feddat.eval.compare import parse_seeds, resolve_methods, run_comparison
+
+    base = _comparison_base(args, "compare")
+    methods, seeds, out = resolve_methods(args.methods), parse_seeds(args.seeds), Path(args.out)
+    print(f"comparing {len(methods)} methods over seeds {args.seeds} on {base.benchmark} in {out}")
+    run_comparison(base, methods, seeds, out, progress=not args.quiet)
+    print("\n" + (out / "table.md").read_text())
+    print(f"wrote {out / 'table.md'}, {out / 'table.json'} and {out / 'compare.png'}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from feddat.eval.compare import parse_seeds, resolve_methods
+    from feddat.eval.tune import parse_grid, run_tune
+
+    if (args.methods is None) == (args.method is None):
+        raise FedDATError("feddat tune needs --method M or --methods m1,m2,... (one of them)")
+    methods = resolve_methods(args.methods or args.method)
+    args.method = None
+    base = _comparison_base(args, "tune")
+    grid = parse_grid(args.grid)
+    search = run_tune(base, methods, grid, parse_seeds(args.seeds), Path(args.out),
+                      progress=not args.quiet)
+    for m, info in search["methods"].items():
+        best = ", ".join(f"{k}={v}" for k, v in info["best"].items()) if info["best"] else "none could run"
+        print(f"{m}: best {best}")
+    print(f"wrote {Path(args.out) / 'tune.md'} and {Path(args.out) / 'tune.json'}")
     return 0
 
 
@@ -272,6 +332,20 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_data(args) -> int:
+    from feddat.data.benchmarks import Sizes
+    from feddat.data.report import stats_table, write_report
+    from feddat.federation.inprocess import default_cache_dir
+
+    sizes = Sizes(args.train_per_client, args.val_per_client, args.test_per_client)
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    stats = write_report(args.benchmark, Path(args.out), args.seed, sizes, cache)
+    print(f"benchmark {args.benchmark}, seed {args.seed}\n")
+    print(stats_table(stats))
+    print(f"\nwrote {Path(args.out) / 'stats.json'} and samples_<client>.png for {len(stats['clients'])} clients")
+    return 0
+
+
 def cmd_deploy(args) -> int:
     from feddat.federation.deploy import main as deploy
 
@@ -279,6 +353,8 @@ def cmd_deploy(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from feddat.models.backbone import BACKBONES
+
     p = argparse.ArgumentParser(prog="feddat", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -305,6 +381,8 @@ def parser() -> argparse.ArgumentParser:
     pred.add_argument("--view", help="student, local, teacher, frozen or mixed, among the views the method "
                       "reports (default: the method's predicting view)")
     pred.add_argument("--model-path", dest="model_path", help="the backbone (default: the one client.json names)")
+    pred.add_argument("--backbone", choices=BACKBONES, help="the backbone family, vilt or blip (default: the one "
+                      "client.json records)")
     pred.add_argument("--device", default="cpu")
     pred.add_argument("--batch-size", dest="batch_size", type=int, default=64)
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -316,6 +394,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--client", help="only this client (default: every client)")
     ev.add_argument("--out", help="directory to write eval.json (final.clients, avg_score, ...)")
     ev.add_argument("--model-path", dest="model_path", help="the backbone (default: the one client.json names)")
+    ev.add_argument("--backbone", choices=BACKBONES, help="the backbone family, vilt or blip (default: the one "
+                    "client.json records)")
     ev.add_argument("--cache-dir", dest="cache_dir", help="benchmark cache (default: the run's)")
     ev.add_argument("--data", help="score --client on this JSON-lines file instead (image path relative to the "
                     "file, question, answer)")
@@ -330,6 +410,41 @@ def parser() -> argparse.ArgumentParser:
 
     add_arguments(dep)
     dep.set_defaults(func=cmd_deploy)
+
+    data = sub.add_parser("data", help="a benchmark's sample sheets (PNG per client), statistics and how far apart "
+                          "its clients are (stats.json and a table)")
+    data.add_argument("--benchmark", default="domain")
+    data.add_argument("--out", required=True, help="directory for samples_<client>.png and stats.json")
+    data.add_argument("--seed", type=int, default=0)
+    from feddat.data.benchmarks import Sizes
+
+    for split in ("train", "val", "test"):
+        data.add_argument(f"--{split}-per-client", dest=f"{split}_per_client", type=int,
+                          default=getattr(Sizes(), split), help=f"(default: {getattr(Sizes(), split)})")
+    data.add_argument("--cache-dir", dest="cache_dir", help="benchmark cache (default: ~/.cache/feddat)")
+    data.set_defaults(func=cmd_data)
+
+    cmp = sub.add_parser("compare", help="run several methods over several seeds and tabulate them (mean ± std "
+                         "over seeds, parameters, bytes); resumes where it stopped")
+    cmp.add_argument("--methods", default="all", help="'all' (every registered method) or m1,m2,... (default: all)")
+    cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    cmp.add_argument("--out", required=True, help="directory for <method>/seed<k>/ runs, table.md, table.json "
+                     "and compare.png")
+    cmp.add_argument("--config", help="JSON file of config values shared by every run (flags win)")
+    cmp.add_argument("--quiet", action="store_true", help="no progress bars (the per-run lines stay)")
+    _add_run_options(cmp)
+    cmp.set_defaults(func=cmd_compare)
+
+    tune = sub.add_parser("tune", help="grid search on the validation split: the best setting per method")
+    tune.add_argument("--methods", help="'all' or m1,m2,...: each gets the same grid (--method M: one method)")
+    tune.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                      help="a config key and its values (repeatable: the grid is their product)")
+    tune.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    tune.add_argument("--out", required=True, help="directory for <setting>/<method>/seed<k>/, tune.md and tune.json")
+    tune.add_argument("--config", help="JSON file of config values shared by every run (flags win)")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_options(tune)
+    tune.set_defaults(func=cmd_tune)
 
     methods = sub.add_parser("methods", help="list the federated methods")
     methods.set_defaults(func=cmd_methods)

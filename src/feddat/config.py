@@ -17,6 +17,13 @@ ENGINES = ("inprocess", "flower")
 class RunConfig:
     benchmark: str = "domain"
     clients: int = 0                    # take the benchmark's first N clients (a smaller federation); 0 = all
+    clients_per_round: int | float = 0  # clients trained per round, drawn from seed and round: a count, or a
+                                        # fraction in (0, 1] of the clients; 0 = all (docs/clients.md)
+    partition: str = "natural"          # natural: the benchmark's own clients; iid, dirichlet, pathological: its
+                                        # pooled records split over num-clients clients (feddat.data.partition)
+    num_clients: int = 0                # clients of a partitioned benchmark (partition other than natural)
+    partition_alpha: float = 0.5        # dirichlet: concentration of each answer's spread over the clients
+    partition_classes: int = 2          # pathological: answers (classes) per client
     method: str = "feddat"
     rounds: int = 10
     seed: int = 0
@@ -59,6 +66,7 @@ class RunConfig:
     test_per_client: int = 1000
     engine: str = "inprocess"
     model_path: str | None = None       # None = the embedded backbone
+    backbone: str = "vilt"              # vilt (single-stream) or blip (dual-stream, needs --model-path)
     device: str = "cpu"
     threads: int = 0                    # torch intra-op threads; 0 = torch's default
     cache_dir: str | None = None        # benchmark cache; None = ~/.cache/feddat
@@ -85,6 +93,7 @@ class RunConfig:
             if not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
                 raise FedDATError(f"{name.replace('_', '-')} must be a positive number, got {v!r}")
         self._validate_method_knobs()
+        self._validate_pooled()
         if not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < 1:
             raise FedDATError(f"weight-decay must be in [0, 1), got {self.weight_decay!r}")
         if not isinstance(self.warmup, (int, float)) or not 0 <= self.warmup < 1:
@@ -94,6 +103,10 @@ class RunConfig:
             raise FedDATError(f"fused must be true or false, got {self.fused!r}")
         if self.eval_frozen not in ("newest", "last_round"):
             raise FedDATError(f"eval-frozen must be 'newest' or 'last_round', got {self.eval_frozen!r}")
+        from feddat.models.backbone import BACKBONES
+
+        if self.backbone not in BACKBONES:
+            raise FedDATError(f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}")
         if self.engine not in ENGINES:
             raise FedDATError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if not isinstance(self.seed, int) or self.seed < 0:
@@ -123,16 +136,34 @@ class RunConfig:
             raise FedDATError("lora-targets must be comma-separated module names (e.g. 'query,value'), "
                               f"got {self.lora_targets!r}")
 
+    def _validate_pooled(self) -> None:
+        """A pooled reference (centralised-adapter) has one trainer and no federation to configure."""
+        from feddat.algorithms.registry import METHODS
+
+        if not METHODS[self.method].pooled:
+            return
+        conflicts = [what for what, on in (
+            ("engine flower (nothing is federated: it runs in one process, --engine inprocess)",
+             self.engine == "flower"),
+            ("clients-per-round (every client's data is pooled every round)", bool(self.clients_per_round)),
+            ("fault-injection (there are no client rounds to fail)", bool(self.fault_injection)),
+            ("secure-aggregation (nothing is aggregated)", self.secure_aggregation is True)) if on]
+        if conflicts:
+            raise FedDATError(f"method {self.method} pools every client's raw data (a centralised reference, not "
+                              "federated) and cannot go with " + "; ".join(conflicts))
+
     def _validate_server(self) -> None:
         """Aggregation, update screening, DP and fault handling (needs a known benchmark: its client count)."""
         from feddat.federation.faults import parse_faults
 
-        total = len(BENCHMARKS[self.benchmark]())
+        self._validate_partition()
+        total = len(self._all_client_names())
         if not isinstance(self.clients, int) or isinstance(self.clients, bool) or not 0 <= self.clients <= total:
             raise FedDATError(f"clients must be an integer from 1 to the benchmark's {total} clients (0 = all), "
                               f"got {self.clients!r}")
-        names = [c.name for c in self.client_specs()]
-        n = len(names)
+        names = self.client_names()
+        self._validate_sampling(len(names))
+        n = self.round_size()  # the updates a round aggregates
         if self.aggregation not in AGGREGATIONS:
             raise FedDATError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
         for name in ("byzantine", "round_retries"):
@@ -140,8 +171,9 @@ class RunConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise FedDATError(f"{name.replace('_', '-')} must be a non-negative integer, got {v!r}")
         if not isinstance(self.min_clients, int) or isinstance(self.min_clients, bool) or not 1 <= self.min_clients <= n:
-            raise FedDATError(f"min-clients must be an integer from 1 to the benchmark's {n} clients, "
-                              f"got {self.min_clients!r}")
+            where = f"the {n} clients of a round (clients-per-round)" if self.samples_clients else \
+                f"the benchmark's {n} clients"
+            raise FedDATError(f"min-clients must be an integer from 1 to {where}, got {self.min_clients!r}")
         for name in ("max_update_norm", "dp_clip", "dp_noise_multiplier", "round_timeout"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < float("inf"):
@@ -191,9 +223,83 @@ class RunConfig:
         if conflicts:
             raise FedDATError("secure-aggregation cannot go with " + "; ".join(conflicts))
 
+    def _validate_partition(self) -> None:
+        from feddat.data.partition import PARTITIONS
+
+        if self.partition not in PARTITIONS:
+            raise FedDATError(f"unknown partition {self.partition!r}; choose one of {', '.join(PARTITIONS)}")
+        if not isinstance(self.num_clients, int) or isinstance(self.num_clients, bool) or self.num_clients < 0:
+            raise FedDATError(f"num-clients must be a non-negative integer, got {self.num_clients!r}")
+        if self.partition == "natural" and self.num_clients:
+            raise FedDATError(f"num-clients applies to a partitioned benchmark (partition iid, dirichlet or "
+                              f"pathological); partition natural has the benchmark's own clients, got "
+                              f"num-clients={self.num_clients}")
+        if self.partition != "natural" and self.num_clients < 1:
+            raise FedDATError(f"partition {self.partition} needs num-clients >= 1 (the clients the pooled records "
+                              "are split over)")
+        a = self.partition_alpha
+        if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 < a < float("inf"):
+            raise FedDATError(f"partition-alpha must be a finite number > 0, got {a!r}")
+        k = self.partition_classes
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise FedDATError(f"partition-classes must be a positive integer, got {k!r}")
+
+    def _validate_sampling(self, n: int) -> None:
+        k = self.clients_per_round
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise FedDATError(f"clients-per-round must be a count or a fraction in (0, 1], got {k!r}")
+        if isinstance(k, int) and not 0 <= k <= n:
+            raise FedDATError(f"clients-per-round must be a count from 1 to the run's {n} clients (0 = all), "
+                              f"got {k}")
+        if isinstance(k, float) and not 0 < k <= 1:
+            raise FedDATError(f"clients-per-round as a fraction must be in (0, 1] (give a count as an integer), "
+                              f"got {k!r}")
+        if k and self.secure_aggregation:
+            raise FedDATError("secure-aggregation cannot go with clients-per-round: its SecAgg+ rounds take every "
+                              "client")
+
+    def _all_client_names(self) -> list[str]:
+        if self.partition == "natural":
+            return [c.name for c in BENCHMARKS[self.benchmark]()]
+        from feddat.data.partition import partition_client_names
+
+        return partition_client_names(self.num_clients)
+
     def client_specs(self) -> list:
         """The benchmark's clients this run federates: all of them, or the first `clients`."""
         return BENCHMARKS[self.benchmark]()[:self.clients or None]
+
+    def client_names(self) -> list[str]:
+        """The names of the clients this run federates (a partitioned benchmark's too), in client order."""
+        return self._all_client_names()[:self.clients or None]
+
+    def round_size(self) -> int:
+        """How many clients train in each round (`clients_per_round` resolved against the client count)."""
+        from feddat.federation.sampling import round_size
+
+        return round_size(len(self.client_names()), self.clients_per_round)
+
+    @property
+    def samples_clients(self) -> bool:
+        """Whether rounds draw their clients (then every round records `sampled_clients`)."""
+        return bool(self.clients_per_round)
+
+    @property
+    def partition_spec(self):
+        """The benchmark's partition (feddat.data.partition.Partition), None for its own clients."""
+        if self.partition == "natural":
+            return None
+        from feddat.data.partition import Partition
+
+        return Partition(self.partition, self.num_clients, float(self.partition_alpha), self.partition_classes)
+
+    @property
+    def max_train_examples(self) -> int:
+        """The most training examples one client can hold: the server caps a claimed FedAvg weight at it."""
+        if self.partition == "natural":
+            return self.train_per_client
+        sources = len(BENCHMARKS[self.benchmark]())
+        return sources * (self.train_per_client + self.val_per_client + self.test_per_client)
 
     @property
     def dp(self) -> bool:

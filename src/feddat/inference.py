@@ -30,11 +30,21 @@ def _backbone_path(meta: dict[str, Any], model_path: str | Path | None) -> str |
     return None if chosen == EMBEDDED else chosen
 
 
+def _backbone_family(meta: dict[str, Any], family: str | None) -> str:
+    """The backbone family to load: the argument if given, else the one client.json records (files written
+    before BLIP support record none: ViLT)."""
+    return family or meta["backbone"].get("family", "vilt")
+
+
 def check_backbone(meta: dict[str, Any], model_path: str | None, backbone, where: str) -> None:
     """FedDATError naming what differs between the backbone loaded and the one the client was trained on."""
     want = meta["backbone"]
     have = backbone_record(model_path, backbone)
     shown = have["model_path"]
+    if want.get("family", "vilt") != have["family"]:
+        raise FedDATError(f"backbone {shown} is a {have['family']} backbone but {where} was trained on a "
+                          f"{want.get('family', 'vilt')} one; pass --backbone {want.get('family', 'vilt')} and its "
+                          "checkpoint with --model-path")
     if want.get("sha256") and have["sha256"] and want["sha256"] != have["sha256"]:
         raise FedDATError(
             f"backbone {shown} is not the one {where} was trained on: its {have['weights_file']} has sha256 "
@@ -210,24 +220,26 @@ def _build(meta: dict[str, Any], backbone, tokenizer, device):
 
 
 def load_client(run_dir: str | Path, client: str, model_path: str | Path | None = None,
-                device: str | torch.device = "cpu") -> ClientModel:
+                device: str | torch.device = "cpu", backbone: str | None = None) -> ClientModel:
     """A saved client's model from `run_dir` (a `feddat run --out`), on `device`.
 
-    The backbone is `model_path` if given ("embedded" for the embedded one), else the one client.json names;
-    it must be the backbone the client was trained on (same weights checksum and shape), else FedDATError.
+    The backbone is `model_path` if given ("embedded" for the embedded one), else the one client.json names,
+    of the family `backbone` (vilt or blip; default: the one client.json records); it must be the backbone the
+    client was trained on (same family, weights checksum and shape), else FedDATError.
     """
     from feddat.models.backbone import load_backbone
 
     tensors, meta = read_client(Path(run_dir), client)
     where = f"client {client} of {run_dir}"
     path = _backbone_path(meta, model_path)
-    backbone, tokenizer = load_backbone(path, device)
-    check_backbone(meta, path, backbone, where)
-    return ClientModel(_build(meta, backbone, tokenizer, device), tokenizer, meta, tensors, where)
+    model, tokenizer = load_backbone(path, device, _backbone_family(meta, backbone))
+    check_backbone(meta, path, model, where)
+    return ClientModel(_build(meta, model, tokenizer, device), tokenizer, meta, tensors, where)
 
 
 def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, model_path: str | Path | None = None,
-                 cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = False) -> dict:
+                 cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = False,
+                 family: str | None = None) -> dict:
     """Re-score a run's saved clients on their own test split, regenerated from the run's config (benchmark,
     seed, sizes). Returns a results-like dict (config, clients, label_spaces, final, wall_seconds, run_dir)."""
     from feddat.algorithms.registry import get_method
@@ -252,10 +264,11 @@ def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, mode
     saved = {n: read_client(run_dir, n) for n in names}
     first_meta = saved[names[0]][1]
     path = _backbone_path(first_meta, model_path)
-    backbone, tokenizer = load_backbone(path, device)
+    backbone, tokenizer = load_backbone(path, device, _backbone_family(first_meta, family))
     cache = Path(cache_dir) if cache_dir else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     data = {c.name: c for c in load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer,
-                                              backbone.config.max_position_embeddings, cache)}
+                                              backbone.config.max_position_embeddings, cache,
+                                              partition=cfg.partition_spec)}
     worker = _build(first_meta, backbone, tokenizer, device)
     method = get_method(cfg.method)
     views = reported_views(method)
@@ -280,14 +293,14 @@ def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, mode
 
 def evaluate_file(run_dir: str | Path, client: str, records: Sequence[dict], base: Path,
                   model_path: str | Path | None = None, view: str | None = None, device: str = "cpu",
-                  batch_size: int = 64, progress: bool = False) -> dict:
+                  batch_size: int = 64, progress: bool = False, family: str | None = None) -> dict:
     """Score one saved client on labelled records ({"image": path, "question": ..., "answer": ...}; image paths
     relative to `base`). An answer outside the client's label space counts as wrong and is counted apart.
     Returns a results-like dict: final.clients {client: accuracy}, final.avg_score, n, unknown_answers, view."""
     from tqdm import tqdm
 
     t_start = time.time()
-    model = load_client(run_dir, client, model_path, device)
+    model = load_client(run_dir, client, model_path, device, family)
     view = model._view(view)
     known = set(model.answers)
     correct = unknown = 0

@@ -1,4 +1,5 @@
-"""Pretrain the embedded backbone: a small ViLT trained from scratch on the generated world.
+"""Pretrain the embedded backbone: a small ViLT trained from scratch on the generated world (or, with
+`backbone="blip"`, a small BLIP by the same recipe: the per-patch loss then reads the image encoder's output).
 
 The pool covers every visual style and every question type except counting, which is kept out so that
 the federated benchmark has a skill the backbone lacks. An auxiliary per-patch loss (colour and shape of
@@ -24,7 +25,7 @@ from feddat.data.pool import generate, pixel_tensor, tokenize
 from feddat.data.questions import PRETRAIN_QTYPES, WORDS, answer_vocabulary
 from feddat.data.world import COLORS, GRID, SHAPES, STYLES
 from feddat.errors import FedDATError
-from feddat.models.backbone import build_word_tokenizer, encode, small_vilt_config, write_checksums
+from feddat.models.backbone import backbone_family, build_word_tokenizer, encode, small_vilt_config, write_checksums
 
 
 @dataclass
@@ -47,6 +48,7 @@ class PretrainConfig:
     checkpoint_every: int = 1000
     threads: int = 0
     device: str = "cpu"
+    backbone: str = "vilt"  # vilt, or blip: `layers` layers in each of its two encoders
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "pool_images", "questions_per_image", "eval_questions", "hidden",
@@ -55,6 +57,9 @@ class PretrainConfig:
                 raise FedDATError(f"pretrain {name} must be positive, got {getattr(self, name)}")
         if self.hidden % self.heads:
             raise FedDATError(f"pretrain hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        from feddat.models.backbone import check_family
+
+        check_family(self.backbone)
 
 
 class PretrainModel(nn.Module):
@@ -68,8 +73,12 @@ class PretrainModel(nn.Module):
         self.cell_head = nn.Linear(d, 2 * GRID)  # row logits, then column logits
 
     def forward(self, input_ids, attention_mask, pixel_values):
-        seq, pooled = encode(self.backbone, input_ids, attention_mask, pixel_values)
-        patches = seq[:, input_ids.shape[1] + 1:]  # after the text tokens and the image [CLS]
+        if backbone_family(self.backbone) == "blip":
+            _, pooled, image = self.backbone(input_ids, attention_mask, pixel_values)
+            patches = image[:, 1:]  # the image encoder's output after its [CLS]
+        else:
+            seq, pooled = encode(self.backbone, input_ids, attention_mask, pixel_values)
+            patches = seq[:, input_ids.shape[1] + 1:]  # after the text tokens and the image [CLS]
         return self.answer_head(pooled), self.color_head(patches), self.shape_head(patches), self.cell_head(patches)
 
 
@@ -80,7 +89,7 @@ def reinit_unseen_words(backbone, tokenizer, seen: set[str], seed: int) -> list[
     nearly indistinguishable from one another once layer norm is applied: a later finetuning could not learn
     them. Returns the words re-drawn.
     """
-    emb = backbone.embeddings.text_embeddings.word_embeddings.weight
+    emb = backbone.get_input_embeddings().weight
     vocab = tokenizer.get_vocab()
     unseen = sorted(w for w in vocab if w not in seen and not w.startswith("["))
     trained = [vocab[w] for w in seen if w in vocab]
@@ -92,8 +101,26 @@ def reinit_unseen_words(backbone, tokenizer, seen: set[str], seed: int) -> list[
     return unseen
 
 
+def _fresh_backbone(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
+    """The randomly initialised backbone of the pretraining recipe: a small ViLT or a small BLIP."""
+    if cfg.backbone == "blip":
+        from feddat.models.blip import BlipBackbone, small_blip_config
+
+        return BlipBackbone(small_blip_config(vocab_size, cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate,
+                                              cfg.text_len))
+    from transformers import ViltModel
+
+    backbone = ViltModel(small_vilt_config(vocab_size, cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate,
+                                           cfg.text_len))
+    # ViltEmbeddings starts [CLS] and patch positions at zero; give them the usual small random start.
+    nn.init.trunc_normal_(backbone.embeddings.cls_token, std=0.02)
+    nn.init.trunc_normal_(backbone.embeddings.position_embeddings, std=0.2)
+    return backbone
+
+
 def _resumable(config: dict) -> dict:
     """The settings a checkpoint must share with the config that resumes it (threads and device may differ)."""
+    config = {"backbone": "vilt", **config}  # checkpoints from before the BLIP option are ViLT ones
     return {k: v for k, v in config.items() if k not in ("threads", "device")}
 
 
@@ -151,13 +178,7 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     torch.manual_seed(cfg.seed)
     tokenizer = build_word_tokenizer(WORDS, cfg.text_len)
     answers = answer_vocabulary()
-    from transformers import ViltModel
-
-    backbone = ViltModel(small_vilt_config(len(tokenizer), cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate,
-                                           cfg.text_len))
-    # ViltEmbeddings starts [CLS] and patch positions at zero; give them the usual small random start.
-    nn.init.trunc_normal_(backbone.embeddings.cls_token, std=0.02)
-    nn.init.trunc_normal_(backbone.embeddings.position_embeddings, std=0.2)
+    backbone = _fresh_backbone(cfg, len(tokenizer))
     model = PretrainModel(backbone, len(answers)).to(cfg.device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n)]
@@ -193,6 +214,7 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, desc="pretrain", disable=not progress, unit="step")
     model.train()
     t0 = time.time()
+    losses: list[tuple[float, float]] = []  # (answer, patch) losses since the last evaluation
     while step < cfg.steps:
         idx = torch.randint(n, (cfg.batch_size,), generator=gen)
         ids, mask, px, y, col, shp = _batch(train_pool, idx, cfg.device)
@@ -203,6 +225,7 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
         loss_patch = (ce(col_logits.flatten(0, 1), col.flatten()) + ce(shp_logits.flatten(0, 1), shp.flatten())
                       + ce(cell[:, :GRID], rows) + ce(cell[:, GRID:], cols))
         loss = loss_answer + cfg.aux_weight * loss_patch
+        losses.append((loss_answer.item(), loss_patch.item()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -215,7 +238,10 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             report = evaluate(model, eval_pool)
             elapsed_now = elapsed + time.time() - t0
-            history.append({"step": step, "seconds": round(elapsed_now, 1), **report})
+            train = {"train_loss": float(np.mean([a for a, _ in losses])),
+                     "train_patch_loss": float(np.mean([b for _, b in losses]))} if losses else {}
+            losses = []
+            history.append({"step": step, "seconds": round(elapsed_now, 1), **train, **report})
             bar.write(f"step {step}: eval accuracy {report['accuracy']:.4f} "
                       + " ".join(f"{q}={report['accuracy_' + q]:.3f}" for q in PRETRAIN_QTYPES))
             tmp = ckpt.with_suffix(".tmp")
@@ -230,8 +256,13 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     final_dir = out / "backbone"
     if final_dir.exists():
         shutil.rmtree(final_dir)
-    backbone.to("cpu").save_pretrained(final_dir)
-    tokenizer.save_pretrained(final_dir)
+    if cfg.backbone == "blip":
+        from feddat.models.blip import save_blip
+
+        save_blip(backbone.to("cpu"), tokenizer, final_dir)
+    else:
+        backbone.to("cpu").save_pretrained(final_dir)
+        tokenizer.save_pretrained(final_dir)
     info = {"config": asdict(cfg), "eval": final, "history": history, "torch_threads": torch.get_num_threads(),
             "words_unseen_in_pretraining": redrawn,
             "seconds": history[-1]["seconds"] if history else None}

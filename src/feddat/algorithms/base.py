@@ -54,6 +54,8 @@ class Method:
     report_views: ClassVar[tuple[str, ...]] = () # further views scored for information
     epochs_factor: ClassVar[int] = 1             # local epochs multiplier (compute-matched controls)
     modifies_backbone: ClassVar[bool] = False    # trains or hooks the backbone: the worker gives it its own copy
+    pooled: ClassVar[bool] = False               # trains on every client's data pooled (a reference, not
+                                                 # federated): its driver walks the pooled data
 
     # ----- what a client model carries -----
     def attach(self, model: AdaptedModel, cfg: LocalConfig) -> None:

@@ -200,6 +200,9 @@ class FedAvgPrompt(TunedTensors):
     shared = "prompt"
 
     def attach(self, model: AdaptedModel, cfg: LocalConfig) -> None:
+        if getattr(model.backbone, "family", "vilt") != "vilt":
+            raise FedDATError(f"{self.name} inserts its prompts into ViLT's joint embedding sequence; it has no "
+                              f"form for the {model.backbone.family} backbone yet: use --backbone vilt")
         dim = model.backbone.config.hidden_size
         with torch.random.fork_rng(devices=[]):  # placeholder values, replaced by the global state
             model.prompt = PromptEncoder(dim, cfg.prompt_tokens)

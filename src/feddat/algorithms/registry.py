@@ -5,6 +5,7 @@ from __future__ import annotations
 from feddat.algorithms.ablations import FedDATNoFrozen, FedDATNoMKD, FedDATSingleTeacher
 from feddat.algorithms.base import Method
 from feddat.algorithms.baselines import FedAvgAdapter, FedAvgAdapter2x, FedProxAdapter, HeadOnly, LocalAdapter
+from feddat.algorithms.centralised import CentralisedAdapter
 from feddat.algorithms.feddat import FedDAT
 from feddat.algorithms.peft_baselines import (FedAvgBitFit, FedAvgFull, FedAvgLayerNorm, FedAvgLoRA,
                                               FedAvgPrompt)
@@ -16,6 +17,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (
     FedDATNoMKD, FedDATSingleTeacher, FedDATNoFrozen,                   # FedDAT's ablations
     DittoAdapter, FedRepAdapter, APFLAdapter,                           # personalised FL on the same adapters
     FedProxAdapter, FedAvgBitFit, FedAvgLayerNorm, FedAvgFull, FedAvgLoRA, FedAvgPrompt,  # other PEFT / FL
+    CentralisedAdapter,                                                 # the pooled-data upper reference
 )}
 
 

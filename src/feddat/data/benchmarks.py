@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from feddat.data.function import function_clients
 from feddat.data.pool import Records, generate, pixel_tensor, tokenize
 from feddat.data.questions import QTYPES
+from feddat.data.scene import scene_clients
 from feddat.data.world import COLORS, SHAPES
 from feddat.errors import FedDATError
 
@@ -82,6 +84,8 @@ BENCHMARKS = {
     "domain": lambda: domain_clients(),
     "domain-noskill": lambda: domain_clients(shared_skill=False),
     "domain-noshift": lambda: domain_clients(conflicting_shifts=False),
+    "function": function_clients,  # one question function per client (src/feddat/data/function.py)
+    "scene": scene_clients,        # one scene type per client (src/feddat/data/scene.py)
 }
 
 
@@ -132,7 +136,9 @@ class Sizes:
                 raise FedDATError(f"{k}-per-client must be a positive integer, got {v!r}")
 
 
-def _client_records(spec: ClientSpec, seed: int, index: int, sizes: Sizes) -> dict[str, Records]:
+def _client_records(spec, seed: int, index: int, sizes: Sizes) -> dict[str, Records]:
+    if not isinstance(spec, ClientSpec):  # the Function and Scene benchmarks' specs generate their own records
+        return spec.records(seed, index, sizes)
     rng = np.random.default_rng([seed, index])
     color_p = rng.dirichlet(np.full(len(COLORS), spec.prior_alpha))
     shape_p = rng.dirichlet(np.full(len(SHAPES), spec.prior_alpha))
@@ -182,8 +188,20 @@ def _load_records(path: Path) -> dict[str, Records]:
                           "will be regenerated") from e
 
 
-def client_records(benchmark: str, seed: int, sizes: Sizes, cache_dir: Path | None = None) -> dict[str, dict]:
-    """Raw records of every client, {client: {split: Records}}, generated once per (spec, seed, sizes)."""
+def client_records(benchmark: str, seed: int, sizes: Sizes, cache_dir: Path | None = None,
+                   partition=None) -> dict[str, dict]:
+    """Raw records of every client, {client: {split: Records}}, generated once per (spec, seed, sizes); with a
+    `partition` (feddat.data.partition.Partition) the pooled records split over its clients instead."""
+    recs = _natural_records(benchmark, seed, sizes, cache_dir)
+    if partition is None:
+        return recs
+    from feddat.data.partition import partition_records
+
+    key = _cache_key(benchmark, BENCHMARKS[benchmark](), seed, sizes)
+    return partition_records(recs, partition, seed, sizes, cache_dir, key)
+
+
+def _natural_records(benchmark: str, seed: int, sizes: Sizes, cache_dir: Path | None) -> dict[str, dict]:
     if benchmark not in BENCHMARKS:
         raise FedDATError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
     sizes.validate()
@@ -227,13 +245,19 @@ def _to_split(r: Records, tokenizer, text_len: int, lookup: dict[str, int]) -> S
 
 
 def load_benchmark(benchmark: str, seed: int, sizes: Sizes, tokenizer, text_len: int,
-                   cache_dir: Path | None = None) -> list[ClientData]:
-    """Every client's tokenised splits. A client's label space is the answers seen in its train split;
-    val/test questions with other answers keep label -1 and count as wrong."""
-    recs = client_records(benchmark, seed, sizes, cache_dir)
+                   cache_dir: Path | None = None, partition=None) -> list[ClientData]:
+    """Every client's tokenised splits. A client's label space is the answers seen in its train split (of a
+    partitioned benchmark: in every client's train split); val/test questions with other answers keep label -1
+    and count as wrong."""
+    recs = client_records(benchmark, seed, sizes, cache_dir, partition)
+    shared = None
+    if partition is not None:
+        from feddat.data.partition import shared_answers
+
+        shared = shared_answers(recs)
     clients = []
     for name, splits in recs.items():
-        answers = sorted(set(splits["train"].answers))
+        answers = shared or sorted(set(splits["train"].answers))
         lookup = {a: i for i, a in enumerate(answers)}
         clients.append(ClientData(name, answers, *(_to_split(splits[s], tokenizer, text_len, lookup)
                                                    for s in ("train", "val", "test"))))

@@ -27,6 +27,13 @@ WORDS = (
 ).split() + list(COLORS) + list(SHAPES) + list(SYNONYMS)
 
 
+# Words of the Function benchmark's questions (cells, relations, logic, facts), absent from pretraining. A
+# word-level backbone that lacks them gets them appended at load, at the norm of its trained words
+# (`feddat.models.backbone.extend_word_vocabulary`), as pretraining does for the synonyms.
+EXTRA_WORDS = ("in", "row", "column", "1", "2", "3", "4", "left", "above", "next", "to", "and", "or", "not",
+               "used", "for", "made")
+
+
 def answer_vocabulary() -> list[str]:
     """Every answer any generated question can have, in a fixed order."""
     return (list(COLORS) + list(SHAPES) + ["yes", "no"] + list(QUADRANTS) + ["small", "big"]

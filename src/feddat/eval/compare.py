@@ -1,74 +1,367 @@
-"""Run several methods over several seeds and tabulate them: mean over seeds, its standard error, per client.
+"""Run several methods over several seeds and tabulate them the way the paper does.
 
-Each finished run is stored as DIR/<method>/seed<k>/results.json and is not redone when the comparison is
-started again, so an interrupted comparison resumes where it stopped.
+`run_comparison` runs every (method, seed) in DIR/<method>/seed<k>/ (a `feddat run --out` directory each):
+a finished run (results.json) is reused, an interrupted one goes on from its last checkpoint, so a
+comparison started again resumes where it stopped. It writes
+
+- DIR/table.json: per method the per-client and average final test scores as mean, standard deviation and
+  standard error over seeds, the validation average, trainable and communicated parameters, bytes sent per
+  client per round, and the average score per round (mean over seeds) that compare.png draws;
+- DIR/table.md: the table (rows methods; columns clients and the average, mean ± std over seeds);
+- DIR/compare.png: the average test score per round, one line per method.
+
+A method that cannot run with the given settings (its config is refused) is not skipped silently: its row
+says why.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+import time
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Any, Callable
 
 from feddat.config import RunConfig
+from feddat.errors import FedDATError
 from feddat.eval.results import mean_and_se
+
+NOT_FROM_GRID = ("method", "seed")   # set by the comparison itself, per run
+
+
+def resolve_methods(text: str) -> list[str]:
+    """'all' (every registered method, in registry order) or a comma-separated list of method names."""
+    from feddat.algorithms.registry import METHODS
+
+    if text.strip() == "all":
+        return list(METHODS)
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise FedDATError("--methods needs 'all' or comma-separated method names (`feddat methods` lists them)")
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise FedDATError(f"unknown methods {', '.join(unknown)}; choose among {', '.join(METHODS)} or 'all'")
+    if len(set(names)) != len(names):
+        raise FedDATError(f"--methods names a method twice: {text}")
+    return names
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' as [0, 1, 2]."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise FedDATError(f"--seeds must be comma-separated non-negative integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise FedDATError(f"--seeds must be distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def parse_value(key: str, text: str) -> Any:
+    """A RunConfig value from text, typed as the field's default (true/false for switches)."""
+    known = {f.name: f for f in fields(RunConfig)}
+    if key not in known:
+        raise FedDATError(f"unknown config key {key!r}; known keys: {', '.join(known)}")
+    default = getattr(RunConfig(), key)
+    try:
+        if isinstance(default, bool):
+            value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}[text.lower()]
+        elif isinstance(default, int):  # an integer field (clients-per-round also takes a fraction)
+            value = int(text) if key != "clients_per_round" or text.lstrip("-").isdigit() else float(text)
+        elif isinstance(default, float):
+            value = float(text)
+        else:
+            value = text
+    except (KeyError, ValueError):
+        kind = "true or false" if isinstance(default, bool) else type(default).__name__
+        raise FedDATError(f"{key}={text!r}: expected {kind}") from None
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['key=value', ...] as typed RunConfig values."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise FedDATError(f"expected KEY=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = parse_value(key.strip().replace("-", "_"), text.strip())
+    return out
+
+
+# ----- running -----
+
+Runner = Callable[..., dict]
+
+
+class CannotRun(FedDATError):
+    """A method refused by its run (not by a conflict with a saved run): its row says why."""
+
+
+def _default_runner(cfg: RunConfig, out_dir: Path, progress: bool, resume=None) -> dict:
+    from feddat.federation.inprocess import run
+
+    return run(cfg, out_dir, progress=progress, resume=resume)
+
+
+def _config_conflicts(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """The values (other than where and how fast) in which a saved run's config differs from `cfg`."""
+    from feddat.federation.checkpoint import RESUME_MAY_CHANGE
+
+    return [f"{k} (there: {saved[k]!r}, now: {v!r})" for k, v in cfg.to_dict().items()
+            if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
+
+
+def _check_same_config(where: Path, saved: dict[str, Any], cfg: RunConfig) -> None:
+    conflicts = _config_conflicts(saved, cfg)
+    if conflicts:
+        raise FedDATError(f"{where} holds a run of another config: {', '.join(conflicts)}; choose another --out "
+                          "or remove that run")
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_one(cfg: RunConfig, run_dir: Path, progress: bool, runner: Runner) -> tuple[dict, str]:
+    """The results of one run in run_dir, and how they were had: 'reused', 'resumed' or 'ran'."""
+    from feddat.federation.checkpoint import complete_checkpoints, load_checkpoint
+
+    path = run_dir / "results.json"
+    if path.exists():
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise FedDATError(f"{path} is unreadable ({e}); remove it to run again") from e
+        _check_same_config(path, result["config"], cfg)
+        return result, "reused"
+    ck = None
+    if complete_checkpoints(run_dir):
+        ck = load_checkpoint(run_dir)
+        _check_same_config(ck.path, ck.config, cfg)
+    try:
+        result = runner(cfg, run_dir, progress, resume=ck) if ck is not None else runner(cfg, run_dir, progress)
+    except FedDATError as e:
+        raise CannotRun(str(e)) from e
+    return result, "resumed" if ck is not None else "ran"
 
 
 def run_comparison(base: RunConfig, methods: list[str], seeds: list[int], out: Path, progress: bool = True,
-                   log=print) -> dict:
-    from feddat.federation.inprocess import run
-
+                   log: Callable[[str], None] = print, runner: Runner | None = None) -> dict:
+    """Run (or reuse, or resume) every method for every seed under `out`; write table.json, table.md and
+    compare.png there; return the table."""
+    runner = runner or _default_runner
+    out = Path(out)
+    plan = [(m, s) for m in methods for s in seeds]
+    to_do = sum(not (out / m / f"seed{s}" / "results.json").exists() for m, s in plan)
     runs: dict[str, list[dict]] = {}
-    for method in methods:
-        for seed in seeds:
-            run_dir = out / method / f"seed{seed}"
-            path = run_dir / "results.json"
-            if path.exists():
-                result = json.loads(path.read_text())
-            else:
-                cfg = replace(base, method=method, seed=seed).validate()
-                result = run(cfg, run_dir, progress=progress)
-                log(f"{method} seed {seed}: {result['final']['avg_score']:.4f}")
-            runs.setdefault(method, []).append(result)
-    table = summarise(runs)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.json").write_text(json.dumps(table, indent=2))
-    (out / "table.md").write_text(markdown_table(table))
+    unavailable: dict[str, str] = {}
+    took: list[float] = []
+    for k, (method, seed) in enumerate(plan, 1):
+        head = f"[{k}/{len(plan)}] {method} seed {seed}"
+        if method in unavailable:
+            continue
+        try:
+            cfg = replace(base, method=method, seed=seed).validate()
+        except FedDATError as e:
+            unavailable[method] = str(e)
+            log(f"{head}: cannot run: {e}")
+            to_do -= sum(1 for m, s in plan[k - 1:] if m == method
+                         and not (out / m / f"seed{s}" / "results.json").exists())
+            continue
+        run_dir = out / method / f"seed{seed}"
+        fresh = not (run_dir / "results.json").exists()
+        if fresh:
+            eta = f", ETA {_hms(sum(took) / len(took) * to_do)} for {to_do} runs left" if took else ""
+            log(f"{head}: running{eta}")
+        t0 = time.time()
+        try:
+            result, how = run_one(cfg, run_dir, progress, runner)
+        except CannotRun as e:
+            unavailable[method] = str(e)
+            runs.pop(method, None)
+            log(f"{head}: cannot run: {e}")
+            to_do -= fresh + sum(1 for m, s in plan[k:] if m == method
+                                 and not (out / m / f"seed{s}" / "results.json").exists())
+            continue
+        if fresh:
+            took.append(time.time() - t0)
+            to_do -= 1
+        log(f"{head}: {result['final']['avg_score']:.4f}" + (" (finished earlier)" if how == "reused" else
+                                                             f" ({how}, {time.time() - t0:.0f} s)"))
+        runs.setdefault(method, []).append(result)
+    table = summarise(runs, unavailable, methods, base)
+    write_table(table, out)
     return table
 
 
-def summarise(runs: dict[str, list[dict]]) -> dict:
-    table = {"methods": {}}
-    for method, results in runs.items():
-        clients = results[0]["clients"]
-        avg = [r["final"]["avg_score"] for r in results]
-        m, se = mean_and_se(avg)
-        row = {
-            "seeds": [r["config"]["seed"] for r in results],
-            "avg_score": m,
-            "avg_score_se": se,
-            "avg_score_per_seed": avg,
-            "clients": {c: mean_and_se([r["final"]["clients"][c] for r in results])[0] for c in clients},
-            "bytes_per_client_per_round": max(results[0]["rounds"][-1]["bytes_sent"].values()),
-            "wall_seconds": sum(r["wall_seconds"] for r in results) / len(results),
-        }
-        views = results[0]["final"].get("views", {})
-        if len(views) > 1:
-            row["views"] = {v: mean_and_se([r["final"]["views"][v]["avg_score"] for r in results])[0] for v in views}
+# ----- the table -----
+
+def mean_std_se(values: list[float]) -> dict[str, float | None]:
+    """Mean, sample standard deviation and standard error over seeds (None for the last two with one seed)."""
+    m, se = mean_and_se(values)
+    std = se * math.sqrt(len(values)) if len(values) > 1 else None
+    return {"mean": m, "std": std, "se": None if math.isnan(se) else se}
+
+
+def parameter_counts(cfg: RunConfig, label_spaces: dict[str, list[str]], backbone=None) -> dict[str, Any]:
+    """What a method trains and sends, counted on the model its config builds: `trainable_params` (the
+    optimised tensors of one client's local training, its head included, mean over clients' heads),
+    `head_params` (mean over clients), `communicated_params` (the update's elements; None for a pooled
+    reference, which sends no update)."""
+    import copy
+
+    import torch
+
+    from feddat.algorithms.registry import get_method
+    from feddat.federation.worker import Worker
+    from feddat.models.backbone import load_backbone
+    from feddat.models.vl import AnswerHead
+
+    method = get_method(cfg.method)
+    if backbone is None:
+        backbone, _ = load_backbone(cfg.model_path, "cpu", cfg.backbone)
+    worker = Worker(method, copy.deepcopy(backbone), cfg.reduction, cfg.local, "cpu", cfg.warmup)
+    trainable, heads = [], []
+    with torch.random.fork_rng(devices=[]):
+        for answers in label_spaces.values():
+            head = AnswerHead(worker.dim, len(answers))
+            params = {id(p): p for g in method.param_groups(worker.model, head, cfg.local) for p in g["params"]}
+            trainable.append(sum(p.numel() for p in params.values()))
+            heads.append(sum(p.numel() for p in head.parameters()))
+        update = worker.initial_global(cfg.seed)
+    return {"trainable_params": round(sum(trainable) / len(trainable)),
+            "head_params": round(sum(heads) / len(heads)),
+            "communicated_params": None if method.pooled else sum(v.numel() for v in (update or {}).values())}
+
+
+def mean_curve(results: list[dict]) -> dict[str, list]:
+    """The average test score per scored round, mean over the runs (rounds scored in every run)."""
+    per_run = [{r["round"] + 1: r["avg_score"] for r in res["rounds"] if "avg_score" in r} for res in results]
+    rounds = sorted(set.intersection(*(set(p) for p in per_run))) if per_run else []
+    return {"rounds": rounds, "avg_score": [sum(p[r] for p in per_run) / len(per_run) for r in rounds]}
+
+
+def method_row(results: list[dict]) -> dict[str, Any]:
+    """One method's row from its runs' results.json (one per seed)."""
+    clients = results[0]["clients"]
+    avg = [r["final"]["avg_score"] for r in results]
+    vals = [r["final"].get("val_avg_score") for r in results]
+    comm = results[0].get("communication")
+    last = results[0]["rounds"][-1]["bytes_sent"] if results[0]["rounds"] else {}
+    row = {
+        "status": "ok",
+        "seeds": [r["config"]["seed"] for r in results],
+        "avg_score": mean_std_se(avg),
+        "avg_score_per_seed": avg,
+        "val_avg_score": mean_std_se(vals) if None not in vals else None,
+        "clients": {c: mean_std_se([r["final"]["clients"][c] for r in results]) for c in clients},
+        "bytes_per_client_per_round": None if comm else max(last.values(), default=0),
+        "wall_seconds": sum(r["wall_seconds"] for r in results) / len(results),
+        "curve": mean_curve(results),
+    }
+    if comm:  # a pooled reference: what it took is the raw data, once
+        raw = comm["raw_data_bytes"]
+        row["communication"] = comm["kind"]
+        row["raw_data_bytes_per_client"] = round(sum(raw.values()) / len(raw))
+    views = results[0]["final"].get("views", {})
+    if len(views) > 1:
+        row["views"] = {v: mean_std_se([r["final"]["views"][v]["avg_score"] for r in results]) for v in views}
+    return row
+
+
+def summarise(runs: dict[str, list[dict]], unavailable: dict[str, str] | None = None,
+              order: list[str] | None = None, base: RunConfig | None = None) -> dict:
+    """The comparison table as data. With `base`, each method's parameter counts are added (on the model
+    its config builds)."""
+    unavailable = unavailable or {}
+    order = order or list(runs) + [m for m in unavailable if m not in runs]
+    first = next(iter(runs.values()), None)
+    table: dict[str, Any] = {
+        "benchmark": base.benchmark if base else (first[0]["config"]["benchmark"] if first else None),
+        "clients": first[0]["clients"] if first else [],
+        "seeds": sorted({s for res in runs.values() for s in (r["config"]["seed"] for r in res)}),
+        "scores": "final test score of each method's predicting view; mean, std and s.e. over seeds",
+        "methods": {},
+    }
+    backbone = None
+    if base is not None and runs:
+        from feddat.models.backbone import load_backbone
+
+        backbone, _ = load_backbone(base.model_path, "cpu", base.backbone)
+    for method in order:
+        if method in unavailable:
+            table["methods"][method] = {"status": "unavailable", "reason": unavailable[method]}
+            continue
+        row = method_row(runs[method])
+        if backbone is not None:
+            row.update(parameter_counts(replace(base, method=method), runs[method][0]["label_spaces"], backbone))
         table["methods"][method] = row
-    table["clients"] = clients
     return table
+
+
+def _pm(stat: dict[str, float | None], digits: int = 4) -> str:
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
+
+
+def _count(n: int | None) -> str:
+    return "n/a" if n is None else f"{n:,}"
 
 
 def markdown_table(table: dict) -> str:
     clients = table["clients"]
-    head = "| method | " + " | ".join(clients) + " | average ± s.e. (seeds) | bytes/client/round |"
-    sep = "|---" * (len(clients) + 3) + "|"
-    lines = [head, sep]
+    seeds = ", ".join(map(str, table["seeds"]))
+    lines = [f"Final test score, mean ± std over seeds {seeds} (s.e. in table.json); parameters per client.", "",
+             "| method | " + " | ".join(clients) + " | average | trainable params | communicated params "
+             "| bytes/client/round |",
+             "|---" * (len(clients) + 5) + "|"]
+    notes = []
     for method, row in table["methods"].items():
-        se = row["avg_score_se"]
-        se_txt = "" if math.isnan(se) else f" ± {se:.4f}"
-        cells = " | ".join(f"{row['clients'][c]:.4f}" for c in clients)
-        lines.append(f"| {method} | {cells} | {row['avg_score']:.4f}{se_txt} | {row['bytes_per_client_per_round']:,} |")
-    return "\n".join(lines) + "\n"
+        if row["status"] != "ok":
+            lines.append(f"| {method} | " + " | ".join("—" for _ in clients) + " | not run | — | — | — |")
+            notes.append(f"- {method} was not run: {row['reason']}")
+            continue
+        cells = " | ".join(_pm(row["clients"][c]) for c in clients)
+        if row["bytes_per_client_per_round"] is None:
+            sent = f"n/a (raw data: {row['raw_data_bytes_per_client']:,} B once)"
+        else:
+            sent = f"{row['bytes_per_client_per_round']:,}"
+        lines.append(f"| {method} | {cells} | {_pm(row['avg_score'])} | {_count(row.get('trainable_params'))} | "
+                     f"{_count(row.get('communicated_params'))} | {sent} |")
+        if row.get("communication"):
+            notes.append(f"- {method}: {row['communication']} (not a federated method: an upper reference)")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def plot_comparison(table: dict, path: Path) -> None:
+    """The average test score per round, mean over seeds, one line per method (from the table's curves)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, row in table["methods"].items():
+        if row["status"] == "ok" and row["curve"]["rounds"]:
+            ax.plot(row["curve"]["rounds"], row["curve"]["avg_score"], marker="o", ms=3, label=method)
+    ax.set_xlabel("round")
+    ax.set_ylabel("average test score (mean over seeds)")
+    ax.set_title(f"{table['benchmark']}, seeds {', '.join(map(str, table['seeds']))}")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_table(table: dict, out: Path) -> None:
+    """DIR/table.json, DIR/table.md and DIR/compare.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "table.json.tmp"
+    tmp.write_text(json.dumps(table, indent=2))
+    tmp.replace(out / "table.json")
+    (out / "table.md").write_text(markdown_table(table))
+    plot_comparison(table, out / "compare.png")

@@ -61,7 +61,10 @@ class History:
             listener.on_round(entry)
 
     def finish(self, clients: dict[str, float], per_item: dict[str, list[float]], views: dict[str, dict[str, float]],
-               wall_seconds: float, breakdown: dict[str, dict[str, float]] | None = None) -> None:
+               wall_seconds: float, breakdown: dict[str, dict[str, float]] | None = None,
+               val: dict[str, float] | None = None) -> None:
+        """The final scores on the test splits; `val` (the predicting view's per-client scores on the
+        validation splits, what hyperparameter search selects on) adds `val_clients` and `val_avg_score`."""
         avg = sum(clients.values()) / len(clients)
         self.data["final"] = {
             "clients": clients,
@@ -70,6 +73,9 @@ class History:
             "views": {v: {"clients": s, "avg_score": sum(s.values()) / len(s)} for v, s in views.items()},
             "breakdown": breakdown or {},
         }
+        if val:
+            self.data["final"]["val_clients"] = val
+            self.data["final"]["val_avg_score"] = sum(val.values()) / len(val)
         self.data["wall_seconds"] = round(wall_seconds, 2)
         for listener in self.listeners:
             listener.on_finish(self.data)

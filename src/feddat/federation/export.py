@@ -5,8 +5,8 @@ Each client directory holds
   (`adapter.<name>.<layer>.<param>`; the newest global adapter for methods that have one, and for FedDAT the
   frozen copy its teacher view uses: the newest aggregate with eval_frozen="newest", the copy kept from the
   client's last round with "last_round") and its answer head (`head.<param>`);
-- `client.json`: what is needed to rebuild it: the backbone (path or "embedded", sha256 of its weights file,
-  its shape), the adapters (names, reduction, bottleneck), the head shape, the method and its views, the
+- `client.json`: what is needed to rebuild it: the backbone (its family, vilt or blip; path or "embedded",
+  sha256 of its weights file, its shape), the adapters (names, reduction, bottleneck), the head shape, the method and its views, the
   eval_frozen setting, the local training knobs (`local`: among them those that shape the model, such as the
   LoRA rank), the client's label space, and the sha256 of model.safetensors.
 
@@ -80,7 +80,10 @@ def backbone_record(model_path: str | None, backbone) -> dict[str, Any]:
     else:
         where = str(Path(model_path).resolve()) if Path(model_path).exists() else str(model_path)
     c = backbone.config
+    from feddat.models.backbone import backbone_family
+
     return {
+        "family": backbone_family(backbone),
         "model_path": where,
         "weights_file": weights.name if weights is not None else None,
         "sha256": cached_sha256(weights) if weights is not None else None,

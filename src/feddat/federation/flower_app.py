@@ -250,7 +250,10 @@ def describe(msg: Message, context: Context) -> Message:
     cfg, setup, index = _client_context(msg, context)
     c = setup.clients[index]
     if cfg.client_state_dir:
-        start_client_states(cfg, c.name, int(msg.content[CONFIG].get("resumed-from", 0)))
+        resumed_from = int(msg.content[CONFIG].get("resumed-from", 0))
+        start_client_states(cfg, c.name, resumed_from)
+        if resumed_from == 0:  # a client that sits out until an interruption still has a state to resume from
+            save_client_state(cfg, c.name, 0, setup.worker.initial_state(index, len(c.answers), cfg.seed))
     return _reply(msg, state_to_record(setup.worker.initial_global(cfg.seed)),
                   {"client-index": index, "num-examples": len(c.train)}, c.name, answers=list(c.answers))
 
@@ -291,6 +294,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics.update({f"score.{v}": e["score"] for v, e in evals.items()})
         metrics["scores"] = [float(x) for x in main["scores"].tolist()]
         metrics.update({f"breakdown.{k}": float(v) for k, v in main.get("breakdown", {}).items()})
+        metrics["val-score"] = evaluate_client(setup, c, state, global_state, (method.predict_view,),
+                                               split="val")[method.predict_view]["score"]  # for tuning
     if final and bool(msg.content[CONFIG].get("export", False)):
         from feddat.federation.export import client_export
 
@@ -349,6 +354,7 @@ class FedDATStrategy(Strategy):
         self.run_record = config_to_record(cfg)
         self.bar = bar
         self.final_evals: dict[str, dict] | None = None
+        self.final_val_evals: dict[str, dict] | None = None  # the predicting view on the validation splits
         self.export = export                # ask the clients for their models in the final evaluation
         self.exports: dict[str, tuple[State, dict]] = {}   # client name -> (tensors, client.json)
         self.timeout = timeout              # seconds to wait for the replies of one send
@@ -359,6 +365,7 @@ class FedDATStrategy(Strategy):
         self._arrays = ArrayRecord()
         self._round: RoundCollector | None = None
         self._outgoing: list[Message] = []  # the messages of the current send (their ids identify the replies)
+        self._sampled: list[str] = list(names)  # the clients asked to train this round
 
     def summary(self) -> None:
         log.info("FedDAT strategy: method %s, %d clients, %d rounds, aggregation %s of %s%s", self.cfg.method,
@@ -412,7 +419,11 @@ class FedDATStrategy(Strategy):
             self.bar.set_description(f"{self.cfg.method} round {server_round}/{self.cfg.rounds}")
         if self.cfg.secure_aggregation:
             return []  # the round's messages are SecAgg+'s, sent from aggregate_train
-        return self._messages(server_round, arrays, config, MessageType.TRAIN)
+        from feddat.federation.sampling import sample_clients
+
+        self._sampled = [self.names[i] for i in sample_clients(self.cfg.seed, server_round - 1, len(self.names),
+                                                               self.cfg.round_size())]
+        return self._messages(server_round, arrays, config, MessageType.TRAIN, self._sampled)
 
     def _collect(self, collector: RoundCollector, replies: Iterable[Message], asked: list[str]) -> None:
         """Hand every train reply to the round's collector: an answer, or the error a client raised; the
@@ -445,12 +456,13 @@ class FedDATStrategy(Strategy):
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.offset
         secure = self.cfg.secure_aggregation
-        collector = RoundCollector(self.cfg, self.names, self.method.shared is not None and not secure,
+        asked = self.names if secure else self._sampled
+        collector = RoundCollector(self.cfg, asked, self.method.shared is not None and not secure,
                                    self.global_state, server_round - 1)
         if secure:
             new = self._secure_round(collector, server_round)
         else:
-            self._collect(collector, replies, self.names)
+            self._collect(collector, replies, asked)
             while collector.retry():
                 asked = collector.to_retry()
                 config = ConfigRecord({"attempt": collector.attempts - 1})
@@ -540,12 +552,17 @@ class FedDATStrategy(Strategy):
             scores = {name: float(metrics["score"]) for name, metrics in named.items()}
             if server_round == self.cfg.rounds:
                 self.final_evals = {name: self._final_eval(metrics) for name, metrics in named.items()}
+                self.final_val_evals = {name: {self.method.predict_view: {"score": float(metrics["val-score"])}}
+                                        for name, metrics in named.items()}
                 if self.export:
                     self.exports = {name: self._export(m) for m in ok
                                     for name in [self.names[int(m.content[METRICS]["client-index"])]]}
         collector = self._round
+        extra = collector.extra()
+        if self.cfg.samples_clients:
+            extra["sampled_clients"] = list(self._sampled)
         self.history.add_round(server_round - 1, collector.train, scores, collector.bytes_sent(),
-                               time.time() - self._round_start, collector.extra())
+                               time.time() - self._round_start, extra)
         if self.out_dir is not None:
             # the server's part of the checkpoint; the clients keep theirs in their client-state-dir
             save_checkpoint(self.out_dir, server_round, self.cfg.to_dict(), self.global_state, {}, {},
@@ -625,7 +642,7 @@ def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_s
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     method = get_method(cfg.method)
-    n = len(cfg.client_specs())
+    n = len(cfg.client_names())
     if resume is not None:
         check_resumable(cfg, resume)
     done = resume.round if resume is not None else 0
@@ -649,7 +666,7 @@ def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_s
         bar.close()
     if strategy.final_evals is None:
         raise FedDATError("the run ended without a final evaluation")
-    finish_history(history, method, strategy.final_evals, time.time() - t_start)
+    finish_history(history, method, strategy.final_evals, time.time() - t_start, strategy.final_val_evals)
     if out_dir is not None:
         from feddat.federation.export import save_clients
 
@@ -722,7 +739,7 @@ def run_flower(cfg: RunConfig, out_dir: Path | None = None, progress: bool = Tru
         flwr_logger.setLevel(logging.WARNING)
     try:
         run_simulation(server_app=make_server_app(cfg, out_dir, progress, sink, t_start, resume), client_app=client_app,
-                       num_supernodes=len(cfg.client_specs()), backend_config=backend_config)
+                       num_supernodes=len(cfg.client_names()), backend_config=backend_config)
     finally:
         flwr_logger.setLevel(level)
     if "error" in sink:

@@ -38,10 +38,11 @@ def build(cfg: RunConfig) -> Setup:
     """Backbone, data and the per-process worker for a validated config."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    backbone, tokenizer = load_backbone(cfg.model_path, cfg.device)
+    backbone, tokenizer = load_backbone(cfg.model_path, cfg.device, cfg.backbone)
     text_len = backbone.config.max_position_embeddings
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    clients = load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer, text_len, cache)[:len(cfg.client_specs())]
+    clients = load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer, text_len, cache,
+                             partition=cfg.partition_spec)[:len(cfg.client_names())]
     worker = Worker(get_method(cfg.method), backbone, cfg.reduction, cfg.local, cfg.device, cfg.warmup)
     return Setup(cfg, clients, worker)
 
@@ -63,11 +64,14 @@ def reported_views(method) -> tuple[str, ...]:
     return (method.predict_view,) + method.report_views
 
 
-def finish_history(history: History, method, evals: dict[str, dict], wall: float) -> None:
-    """Fill the final report from per-client evaluations over `reported_views(method)`, in client order."""
+def finish_history(history: History, method, evals: dict[str, dict], wall: float,
+                   val_evals: dict[str, dict] | None = None) -> None:
+    """Fill the final report from per-client evaluations over `reported_views(method)`, in client order;
+    `val_evals` (the predicting view on the validation splits) adds `val_clients` and `val_avg_score`."""
     views = reported_views(method)
     main = method.predict_view
     history.finish(
+        val={c: e[main]["score"] for c, e in val_evals.items()} if val_evals else None,
         breakdown={c: e[main].get("breakdown", {}) for c, e in evals.items()},
         clients={c: e[main]["score"] for c, e in evals.items()},
         per_item={c: e[main]["scores"].tolist() for c, e in evals.items()},
@@ -78,16 +82,17 @@ def finish_history(history: History, method, evals: dict[str, dict], wall: float
 
 def final_report(setup: Setup, history: History, states, global_state, wall: float) -> None:
     method = setup.worker.method
+    val_evals = evaluate_all(setup, states, global_state, (method.predict_view,), split="val")  # for tuning
     evals = evaluate_all(setup, states, global_state, reported_views(method))
-    finish_history(history, method, evals, wall)
+    finish_history(history, method, evals, wall, val_evals)
 
 
 def save_client_models(setup: Setup, out_dir: Path, states: dict[str, State], global_state: State | None) -> None:
     """Every client's personalised model under out_dir/clients/<client>/ (see feddat.federation.export)."""
-    from feddat.federation.export import client_export, save_clients
+    from feddat.federation.export import client_export, write_client
 
-    save_clients(out_dir, {c.name: client_export(setup, i, states[c.name], global_state)
-                           for i, c in enumerate(setup.clients)})
+    for i, c in sorted(enumerate(setup.clients), key=lambda ic: ic[1].name):  # one at a time: memory stays flat
+        write_client(out_dir, *client_export(setup, i, states[c.name], global_state))
 
 
 def run(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True,
@@ -132,35 +137,80 @@ def _train_client(setup: Setup, collector: RoundCollector, faults: list[Fault], 
     collector.answered(c.name, res.metrics, res.num_examples, corrupt(res.update, global_state, faults, c.name, r + 1))
 
 
+def open_client_states(setup: Setup):
+    """Every client's private state, starting from the worker's initial ones: a dict, or (many clients, or
+    client_state_dir set) one file per client (feddat.federation.client_state)."""
+    from feddat.federation.client_state import open_states
+
+    cfg, clients = setup.cfg, setup.clients
+    index = {c.name: i for i, c in enumerate(clients)}
+    return open_states(cfg.to_dict(), cfg.client_state_dir, list(index), lambda name: setup.worker.initial_state(
+        index[name], len(clients[index[name]].answers), cfg.seed))
+
+
+def restore(resume: Checkpoint | None, global_state, states, order_rng: np.random.Generator,
+            history: History) -> tuple:
+    """(global state, first round to run): from `resume` if given (its client states, client-order and torch RNG
+    states and rounds so far are put back in place), else (global_state, 0)."""
+    if resume is None:
+        return global_state, 0
+    check_fits(resume, global_state, states)
+    states.update(resume.states)
+    order_rng.bit_generator.state = resume.order_rng
+    torch.set_rng_state(resume.torch_rng)
+    history.data["rounds"] = list(resume.history["rounds"])
+    return resume.global_state, resume.round
+
+
+def round_clients(cfg: RunConfig, n_clients: int, round_idx: int) -> list[int]:
+    """The indices of the clients that train in round `round_idx` (all, unless clients-per-round draws them)."""
+    from feddat.federation.sampling import sample_clients
+
+    return sample_clients(cfg.seed, round_idx, n_clients, cfg.round_size())
+
+
 def _run(cfg: RunConfig, out_dir: Path | None, progress: bool, tracker, t_start: float,
          resume: Checkpoint | None) -> dict:
     setup = build(cfg)
-    worker, clients = setup.worker, setup.clients
+    states = open_client_states(setup)
+    try:
+        if setup.worker.method.pooled:  # a centralised reference: one trainer over the pooled data
+            from feddat.federation.pooled import run_pooled
+
+            return run_pooled(setup, states, out_dir, progress, tracker, t_start, resume)
+        return _rounds(setup, states, out_dir, progress, tracker, t_start, resume)
+    finally:
+        if hasattr(states, "close"):
+            states.close()
+
+
+def _rounds(setup: Setup, states, out_dir: Path | None, progress: bool, tracker, t_start: float,
+            resume: Checkpoint | None) -> dict:
+    cfg, worker, clients = setup.cfg, setup.worker, setup.clients
     names = [c.name for c in clients]
     faults = parse_faults(cfg.fault_injection, names, cfg.rounds)
     torch.manual_seed(cfg.seed)
-    states = {c.name: worker.initial_state(i, len(c.answers), cfg.seed) for i, c in enumerate(clients)}
     global_state = worker.initial_global(cfg.seed)
     history = History(cfg.to_dict(), names, {c.name: c.answers for c in clients})
     if (privacy := privacy_report(cfg)) is not None:
         history.data["privacy"] = privacy
     order_rng = np.random.default_rng(mix_seed(cfg.seed, 0x0DE))
-    first = 0
-    if resume is not None:
-        check_fits(resume, global_state, states)
-        states, global_state, first = dict(resume.states), resume.global_state, resume.round
-        order_rng.bit_generator.state = resume.order_rng
-        torch.set_rng_state(resume.torch_rng)
-        history.data["rounds"] = list(resume.history["rounds"])
+    global_state, first = restore(resume, global_state, states, order_rng, history)
     history.attach(tracker)
-    steps = (cfg.rounds - first) * sum(worker.steps_per_round(len(c.train)) for c in clients)
+    steps = sum(worker.steps_per_round(len(clients[i].train)) for r in range(first, cfg.rounds)
+                for i in round_clients(cfg, len(clients), r))
     bar = tqdm(total=steps, desc=f"{cfg.method}", unit="step", disable=not progress)
     if resume is not None:
         bar.write(f"resuming after round {first} from {resume.path}")
     for r in range(first, cfg.rounds):
         t_round = time.time()
         order = [int(i) for i in order_rng.permutation(len(clients))]
-        collector = RoundCollector(cfg, names, worker.method.shared is not None, global_state, r)
+        sampled = round_clients(cfg, len(clients), r)
+        if cfg.samples_clients:  # the others sit the round out, keeping their state
+            chosen = set(sampled)
+            order = [i for i in order if i in chosen]
+        collector = RoundCollector(cfg, [names[i] for i in sampled], worker.method.shared is not None,
+                                   global_state, r)
         pending = order
         while True:
             for i in pending:
@@ -175,8 +225,10 @@ def _run(cfg: RunConfig, out_dir: Path | None, progress: bool, tracker, t_start:
             evals = evaluate_all(setup, states, global_state)
             scores = {c: e[worker.method.predict_view]["score"] for c, e in evals.items()}
             bar.write(f"round {r + 1}: mean test score {sum(scores.values()) / len(scores):.4f}")
-        history.add_round(r, collector.train, scores, collector.bytes_sent(), time.time() - t_round,
-                          collector.extra())
+        extra = collector.extra()
+        if cfg.samples_clients:
+            extra["sampled_clients"] = [names[i] for i in sampled]
+        history.add_round(r, collector.train, scores, collector.bytes_sent(), time.time() - t_round, extra)
         if out_dir is not None:
             save_checkpoint(out_dir, r + 1, cfg.to_dict(), global_state, states, order_rng.bit_generator.state,
                             history.data)

@@ -101,7 +101,7 @@ class RoundCollector:
         self.missing.pop(name, None)
         self.train[name] = dict(metrics)
         # a FedAvg weight is the server's to know: a client claiming more examples than it holds is capped
-        self.sizes[name] = max(1, min(int(num_examples), self.cfg.train_per_client))
+        self.sizes[name] = max(1, min(int(num_examples), self.cfg.max_train_examples))
         if self.sizes[name] != num_examples:
             log.warning("round %d: client %s claims %s training examples; weighting it by %d",
                         self.round_idx + 1, name, num_examples, self.sizes[name])

@@ -18,7 +18,7 @@ from feddat.algorithms.base import LocalConfig, Method
 from feddat.algorithms.losses import scores
 from feddat.data.benchmarks import ClientData, Split
 from feddat.models.adapters import BottleneckAdapter
-from feddat.models.vl import AnswerHead, adapt_vilt, pooled_features
+from feddat.models.vl import AnswerHead, adapt_backbone, pooled_features
 
 State = dict[str, torch.Tensor]
 
@@ -55,7 +55,7 @@ class Worker:
         self.warmup = warmup
         if method.modifies_backbone:  # it trains or hooks backbone modules: never those of a shared backbone
             backbone = copy.deepcopy(backbone)
-        self.model = adapt_vilt(backbone, method.adapters, reduction)
+        self.model = adapt_backbone(backbone, method.adapters, reduction)
         method.attach(self.model, local)
         self.model.to(self.device)
         self.dim = backbone.config.hidden_size

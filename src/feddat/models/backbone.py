@@ -43,8 +43,27 @@ def vilt_config(size: str) -> ViltConfig:
     raise FedDATError(f"unknown backbone size {size!r}; choose one of {', '.join(SIZES)}")
 
 
-def random_backbone(size: str, device: str | torch.device = "cpu", seed: int = 0) -> ViltModel:
-    """A frozen ViLT of a named size with random weights (no download): for timing and memory, not accuracy."""
+BACKBONES = ("vilt", "blip")
+
+
+def check_family(family: str) -> str:
+    if family not in BACKBONES:
+        raise FedDATError(f"unknown backbone {family!r}; choose one of {', '.join(BACKBONES)}")
+    return family
+
+
+def backbone_family(model: nn.Module) -> str:
+    """'blip' for a `feddat.models.blip.BlipBackbone`, 'vilt' for a ViltModel."""
+    return getattr(model, "family", "vilt")
+
+
+def random_backbone(size: str, device: str | torch.device = "cpu", seed: int = 0, family: str = "vilt"):
+    """A frozen backbone (ViLT, or BLIP with family='blip') of a named size with random weights (no download):
+    for timing and memory, not accuracy."""
+    if check_family(family) == "blip":
+        from feddat.models.blip import random_blip
+
+        return random_blip(size, device, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ViltModel(vilt_config(size), add_pooling_layer=True)
@@ -187,11 +206,19 @@ def verify_checksums(directory: Path) -> None:
             )
 
 
-def load_backbone(path: str | Path | None = None, device: str | torch.device = "cpu"):
-    """(ViltModel, tokenizer) from a local directory or hub id; None means the embedded backbone.
+def load_backbone(path: str | Path | None = None, device: str | torch.device = "cpu", family: str = "vilt"):
+    """(ViltModel, tokenizer) from a local directory or hub id; None means the embedded backbone. With
+    family='blip', (feddat.models.blip.BlipBackbone, tokenizer) from a BLIP checkpoint (none is embedded).
 
     The model is returned frozen and in eval mode: FedDAT never trains the backbone.
     """
+    if check_family(family) == "blip":
+        if path is None:
+            raise FedDATError("no BLIP weights ship with FedDAT (the embedded backbone is a ViLT): pass --model-path "
+                              "with a BLIP checkpoint, e.g. the backbone/ of `feddat pretrain --backbone blip`")
+        from feddat.models.blip import load_blip
+
+        return load_blip(path, device)
     source = EMBEDDED_DIR if path is None else path
     local = Path(source)
     if local.exists():
@@ -203,7 +230,9 @@ def load_backbone(path: str | Path | None = None, device: str | torch.device = "
                               "directory written by save_pretrained") from e
         if config.get("model_type") != "vilt":
             raise FedDATError(f"{local} holds a {config.get('model_type')!r} checkpoint, not a ViLT one; "
-                              "use a ViLT checkpoint (e.g. a copy of vilt-b32-mlm) or --backbone for other families")
+                              "use a ViLT checkpoint (e.g. a copy of vilt-b32-mlm)"
+                              + (", or --backbone blip for this one" if config.get("model_type") == "blip"
+                                 else " or --backbone for other families"))
     elif path is None:
         raise FedDATError(f"the embedded backbone is missing from {local}; run `feddat pretrain` to rebuild it")
     try:
@@ -214,10 +243,56 @@ def load_backbone(path: str | Path | None = None, device: str | torch.device = "
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FedDATError(f"could not load a ViLT backbone from {source} (missing or mis-shaped weights for its "
                           f"config.json?): {first}") from e
+    if _is_word_level(tokenizer):
+        from feddat.data.questions import EXTRA_WORDS, WORDS
+
+        tokenizer = extend_word_vocabulary(model, tokenizer, list(WORDS) + list(EXTRA_WORDS))
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
+
+
+def _is_word_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and json.loads(backend.to_str())["model"]["type"] == "WordLevel"
+
+
+def extend_word_vocabulary(model: ViltModel, tokenizer: PreTrainedTokenizerFast, words: list[str],
+                           seed: int = 0) -> PreTrainedTokenizerFast:
+    """The word-level `tokenizer` with the `words` it lacks appended (ids after its last one), and `model`'s word
+    embeddings grown to match; returns the tokenizer (the same one when nothing was missing).
+
+    A word the tokenizer lacks would otherwise read as [UNK], so every such word would mean the same. New rows
+    are random directions at the mean norm of the existing words' rows, as pretraining gives words it never saw
+    (`feddat.pretrain.reinit_unseen_words`), drawn from their own generator seeded with `seed`: a backbone loads
+    the same way every time, and the global RNG is untouched. Existing ids and rows do not change.
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [w for w in dict.fromkeys(words) if w not in vocab]
+    if not missing:
+        return tokenizer
+    old = model.get_input_embeddings()
+    start = max(old.num_embeddings, max(vocab.values()) + 1)
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    backend["model"]["vocab"].update({w: start + i for i, w in enumerate(missing)})
+    from tokenizers import Tokenizer
+
+    extended = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(backend)), model_max_length=tokenizer.model_max_length,
+        **{k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)})
+    # sorted: get_vocab() comes in hash order, and the mean below must not depend on it (bitwise determinism)
+    words_rows = sorted(i for w, i in vocab.items() if not w.startswith("[") and i < old.num_embeddings)
+    weight = old.weight.detach()
+    target = weight[words_rows].norm(dim=1).mean() if words_rows else weight.norm(dim=1).mean()
+    gen = torch.Generator().manual_seed(seed)
+    draw = torch.randn(start + len(missing) - old.num_embeddings, weight.shape[1], generator=gen)
+    draw = draw / draw.norm(dim=1, keepdim=True) * target.cpu()
+    grown = nn.Embedding(start + len(missing), weight.shape[1], padding_idx=old.padding_idx)
+    grown.weight.data = torch.cat([weight, draw.to(weight)])
+    model.set_input_embeddings(grown.to(weight.device))
+    model.config.vocab_size = grown.num_embeddings
+    return extended
 
 
 def _auto_tokenizer(source):

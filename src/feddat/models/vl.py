@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from feddat.models.adapters import AdaptedModel
-from feddat.models.backbone import encode, encode_from, encode_until
+from feddat.models.backbone import backbone_family, encode, encode_from, encode_until
 
 
 class AnswerHead(nn.Module):
@@ -29,8 +29,23 @@ def adapt_vilt(backbone, names: tuple[str, ...], reduction: int) -> AdaptedModel
     return AdaptedModel(backbone, layers, dim, names, dim // reduction)
 
 
+def adapt_backbone(backbone, names: tuple[str, ...], reduction: int) -> AdaptedModel:
+    """Attach adapter slots to a backbone of either family: `adapt_vilt`, or after the FFN of every layer of
+    both of BLIP's encoders (`BlipBackbone.adapted_layers`)."""
+    if backbone_family(backbone) == "vilt":
+        return adapt_vilt(backbone, names, reduction)
+    dim = backbone.config.hidden_size
+    if reduction <= 0 or dim // reduction < 1:
+        raise ValueError(f"adapter reduction {reduction} does not fit hidden size {dim}")
+    return AdaptedModel(backbone, backbone.adapted_layers(), dim, names, dim // reduction)
+
+
 def pooled_features(model: AdaptedModel, batch: dict) -> torch.Tensor:
-    """The pooled [CLS] vector under the model's current view."""
+    """The pooled [CLS] vector under the model's current view (for BLIP: the text encoder's [CLS] position)."""
+    if backbone_family(model.backbone) == "blip":
+        from feddat.models import blip
+
+        return blip.encode(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1]
     return encode(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1]
 
 
@@ -43,7 +58,13 @@ def pooled_features_of_views(model: AdaptedModel, batch: dict, views: tuple[str,
 
     The values are those of separate `pooled_features` calls (up to rounding when stacked); the shared part
     must not require gradients (a frozen backbone), since every view's backward goes through it.
+    For BLIP the shared part is the image embeddings, the first image layer up to its FFN output, and the text
+    embeddings (`feddat.models.blip.pooled_features_of_views`).
     """
+    if backbone_family(model.backbone) == "blip":
+        from feddat.models import blip
+
+        return blip.pooled_features_of_views(model, batch, views, stacked)
     model.set_view("none")
     call = encode_until(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], 1)
     if stacked:

@@ -1,0 +1,142 @@
+"""What a benchmark holds: sample sheets per client, split sizes, answer and question-type distributions, and
+how far apart the clients' distributions are (pairwise Jensen-Shannon divergence, base 2: 0 = the same, 1 =
+disjoint). Data first (`stats.json`), then views of it (the table, the PNG sheets)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from feddat.data.benchmarks import Sizes, client_records
+from feddat.data.pool import Records
+
+SAMPLES = 12
+SCALE = 3          # images drawn at 144 px
+COLUMNS = 4
+TEXT_ROWS = 3      # lines of text under each image
+
+
+def js_divergence(p: dict[str, int], q: dict[str, int]) -> float:
+    """Jensen-Shannon divergence (base 2) between two count tables over any keys; in [0, 1]."""
+    keys = sorted(set(p) | set(q))
+    a = np.asarray([p.get(k, 0) for k in keys], dtype=float)
+    b = np.asarray([q.get(k, 0) for k in keys], dtype=float)
+    a, b = a / a.sum(), b / b.sum()
+    m = (a + b) / 2
+
+    def kl(x):
+        nz = x > 0
+        return float(np.sum(x[nz] * np.log2(x[nz] / m[nz])))
+
+    return max(0.0, (kl(a) + kl(b)) / 2)
+
+
+def _pairwise(tables: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    names = list(tables)
+    return {a: {b: round(js_divergence(tables[a], tables[b]), 4) for b in names} for a in names}
+
+
+def _mean_off_diagonal(matrix: dict[str, dict[str, float]]) -> float:
+    values = [v for a, row in matrix.items() for b, v in row.items() if a != b]
+    return round(float(np.mean(values)), 4) if values else 0.0
+
+
+def benchmark_stats(records: dict[str, dict[str, Records]]) -> dict:
+    """Per client: split sizes, answer and question-type counts (all splits); pairwise JS divergences."""
+    clients = {}
+    for name, splits in records.items():
+        answers = Counter(a for r in splits.values() for a in r.answers)
+        qtypes = Counter(q for r in splits.values() for q in r.qtypes)
+        clients[name] = {
+            "sizes": {s: len(r) for s, r in splits.items()},
+            "images": {s: int(len(r.images)) for s, r in splits.items()},
+            "answers": dict(sorted(answers.items())),
+            "qtypes": dict(sorted(qtypes.items())),
+            "label_space": len(set(splits["train"].answers)),
+        }
+    answer_js = _pairwise({n: c["answers"] for n, c in clients.items()})
+    qtype_js = _pairwise({n: c["qtypes"] for n, c in clients.items()})
+    return {
+        "clients": clients,
+        "divergence": {
+            "answers_js": answer_js,
+            "qtypes_js": qtype_js,
+            "mean_answers_js": _mean_off_diagonal(answer_js),
+            "mean_qtypes_js": _mean_off_diagonal(qtype_js),
+        },
+    }
+
+
+def stats_table(stats: dict) -> str:
+    """The stats as a markdown table: one row per client, then the pairwise divergences."""
+    names = list(stats["clients"])
+    lines = ["| client | train | val | test | label space | top answers | question types |",
+             "|---|---|---|---|---|---|---|"]
+    for n in names:
+        c = stats["clients"][n]
+        total = sum(c["answers"].values())
+        top = ", ".join(f"{a} {v / total:.2f}" for a, v in Counter(c["answers"]).most_common(3))
+        qt = sum(c["qtypes"].values())
+        types = ", ".join(f"{q} {v / qt:.2f}" for q, v in c["qtypes"].items())
+        s = c["sizes"]
+        lines.append(f"| {n} | {s['train']} | {s['val']} | {s['test']} | {c['label_space']} | {top} | {types} |")
+    d = stats["divergence"]
+    lines += ["", "Pairwise Jensen-Shannon divergence (base 2) of answer distributions (upper triangle) and of "
+              "question-type distributions (lower triangle):", "",
+              "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for i, a in enumerate(names):
+        cells = [("-" if i == j else f"{d['answers_js'][a][b]:.3f}" if j > i else f"{d['qtypes_js'][a][b]:.3f}")
+                 for j, b in enumerate(names)]
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines += ["", f"Mean over client pairs: answers {d['mean_answers_js']:.3f}, question types "
+              f"{d['mean_qtypes_js']:.3f}."]
+    return "\n".join(lines)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines
+
+
+def sample_sheet(r: Records, n: int = SAMPLES) -> Image.Image:
+    """The first `n` test records of a client: image, question and answer, in a grid."""
+    font = ImageFont.load_default()
+    side = r.images.shape[1] * SCALE
+    line_h = 11
+    cell_w, cell_h = side + 16, side + 8 + TEXT_ROWS * line_h
+    n = min(n, len(r))
+    rows = -(-n // COLUMNS)
+    sheet = Image.new("RGB", (COLUMNS * cell_w, rows * cell_h), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k in range(n):
+        x, y = (k % COLUMNS) * cell_w + 8, (k // COLUMNS) * cell_h + 4
+        img = Image.fromarray(r.images[r.image_index[k]]).resize((side, side), Image.NEAREST)
+        sheet.paste(img, (x, y))
+        text = _wrap(r.questions[k], side // 6)[:TEXT_ROWS - 1] + [f"-> {r.answers[k]}"]
+        for i, line in enumerate(text):
+            draw.text((x, y + side + 2 + i * line_h), line, fill=(0, 0, 0) if i < len(text) - 1 else (0, 90, 200),
+                      font=font)
+    return sheet
+
+
+def write_report(benchmark: str, out_dir: Path, seed: int = 0, sizes: Sizes = Sizes(),
+                 cache_dir: Path | None = None) -> dict:
+    """DIR/samples_<client>.png and DIR/stats.json for a benchmark; returns the stats."""
+    records = client_records(benchmark, seed, sizes, cache_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, splits in records.items():
+        sample_sheet(splits["test"]).save(out_dir / f"samples_{name}.png", optimize=True)
+    stats = {"benchmark": benchmark, "seed": seed, **benchmark_stats(records)}
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    return stats

@@ -1,0 +1,124 @@
+"""The driver of pooled references (`Method.pooled`, e.g. `centralised-adapter`): no federation, one trainer.
+
+Every client's training split is pooled; a round is `local_epochs` epochs over the pooled data (in a
+seeded random order that mixes the clients), with a fresh AdamW per round and the linear warm-up/decay
+schedule over all rounds, as every federated method's local training has. After each round the clients are
+scored on their test splits with their own heads (`eval_every`), and a checkpoint is written (the pooled
+adapter as the global state, each client's head as its state), so `feddat run --resume` goes on from it.
+
+Nothing travels during training: every round records 0 bytes sent, and `communication` in results.json
+records instead what pooling took: each client's raw training data (images at one byte per pixel and
+channel, questions and answers in UTF-8), sent once.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from feddat.data.benchmarks import ClientData, Split
+from feddat.eval.results import History
+from feddat.federation.checkpoint import Checkpoint, save_checkpoint
+from feddat.federation.worker import lr_factor, mix_seed
+from feddat.models.vl import AnswerHead
+
+
+def raw_data_bytes(client: ClientData) -> int:
+    """The size of a client's raw training data: its images (uint8, H x W x 3), questions and answers."""
+    split = client.train
+    images = split.image_index.unique()
+    pixels = int(split.pixels[images].numel())
+    text = sum(len(q.encode()) for q in split.questions)
+    answers = sum(len(client.answers[int(y)].encode()) for y in split.labels if int(y) >= 0)
+    return pixels + text + answers
+
+
+def pooled_batch(clients: list[ClientData], owners: np.ndarray, rows: np.ndarray, device) -> dict:
+    """One mini-batch of the pooled data: sample k is row `rows[k]` of client `owners[k]`'s training split,
+    the batch grouped by client (the order within a batch does not change its loss)."""
+    parts = []
+    for c in sorted(set(owners.tolist())):
+        split: Split = clients[c].train
+        parts.append(split.batch(torch.as_tensor(rows[owners == c]), device))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _heads(worker, clients: list[ClientData], states) -> list[AnswerHead]:
+    heads = []
+    for c in clients:
+        head = AnswerHead(worker.dim, len(c.answers)).to(worker.device)
+        head.load_state_dict({k[5:]: v for k, v in states[c.name].items() if k.startswith("head.")})
+        heads.append(head)
+    return heads
+
+
+def run_pooled(setup, states, out_dir: Path | None, progress: bool, tracker, t_start: float,
+               resume: Checkpoint | None) -> dict:
+    """Train a pooled method on every client's training data at once; score, checkpoint and report as the
+    in-process engine does for the federated methods."""
+    from feddat.federation.inprocess import evaluate_all, final_report, restore, save_client_models
+
+    cfg, worker, clients = setup.cfg, setup.worker, setup.clients
+    method, local = worker.method, worker.local
+    names = [c.name for c in clients]
+    torch.manual_seed(cfg.seed)
+    global_state = worker.initial_global(cfg.seed)
+    history = History(cfg.to_dict(), names, {c.name: c.answers for c in clients})
+    history.data["communication"] = {
+        "kind": "not applicable: a centralised reference pools every client's raw training data once",
+        "raw_data_bytes": {c.name: raw_data_bytes(c) for c in clients}}
+    order_rng = np.random.default_rng(mix_seed(cfg.seed, 0x9001))
+    global_state, first = restore(resume, global_state, states, order_rng, history)
+    history.attach(tracker)
+    owners = np.concatenate([np.full(len(c.train), i) for i, c in enumerate(clients)])
+    rows = np.concatenate([np.arange(len(c.train)) for c in clients])
+    n = len(owners)
+    epochs = method.local_epochs(local)
+    steps_per_round = epochs * -(-n // local.batch_size)
+    bar = tqdm(total=steps_per_round * (cfg.rounds - first), desc=cfg.method, unit="step", disable=not progress)
+    if resume is not None:
+        bar.write(f"resuming after round {first} from {resume.path}")
+    for r in range(first, cfg.rounds):
+        t_round = time.time()
+        bar.set_description(f"{cfg.method} round {r + 1}/{cfg.rounds} (pooled)")
+        method.load_shared_state(worker.model, global_state)
+        heads = _heads(worker, clients, states)
+        for h in heads:
+            h.train()
+        opt = torch.optim.AdamW(method.pooled_param_groups(worker.model, heads, local), betas=(0.9, 0.98),
+                                eps=1e-8, weight_decay=local.weight_decay)
+        losses, step = [], 0
+        for _ in range(epochs):
+            perm = order_rng.permutation(n)
+            for start in range(0, n, local.batch_size):
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * lr_factor((r + step / steps_per_round) / cfg.rounds, cfg.warmup)
+                idx = perm[start:start + local.batch_size]
+                batch = pooled_batch(clients, owners[idx], rows[idx], worker.device)
+                batch_owners = torch.as_tensor(np.sort(owners[idx]), device=worker.device)
+                losses.append(method.pooled_step(worker.model, heads, batch, batch_owners, opt)["loss"])
+                step += 1
+                bar.update(1)
+        global_state = {k: v.detach().cpu() for k, v in method.shared_state(worker.model).items()}
+        for c, h in zip(clients, heads):
+            states[c.name] = {f"head.{k}": v.detach().cpu().clone() for k, v in h.state_dict().items()}
+        scores = None
+        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+            evals = evaluate_all(setup, states, global_state)
+            scores = {c: e[method.predict_view]["score"] for c, e in evals.items()}
+            bar.write(f"round {r + 1}: mean test score {sum(scores.values()) / len(scores):.4f}")
+        train = {"pooled": {"loss": sum(losses) / max(len(losses), 1), "num_examples": n}}
+        history.add_round(r, train, scores, {c: 0 for c in names}, time.time() - t_round)
+        if out_dir is not None:
+            save_checkpoint(out_dir, r + 1, cfg.to_dict(), global_state, states, order_rng.bit_generator.state,
+                            history.data)
+    bar.close()
+    final_report(setup, history, states, global_state, time.time() - t_start)
+    if out_dir is not None:
+        save_client_models(setup, out_dir, states, global_state)
+        history.save(out_dir)
+    return history.data
