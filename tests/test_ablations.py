@@ -12,15 +12,7 @@ from feddat.algorithms.base import LocalConfig
 from feddat.algorithms.feddat import FedDAT
 from feddat.models.backbone import load_backbone
 from feddat.models.vl import AnswerHead, adapt_vilt
-
-
-def _batch(tokenizer, n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    enc = tokenizer(["what color is the circle ?", "is there a red square ?"] * (n // 2), padding="max_length",
-                    max_length=12, return_tensors="pt", return_token_type_ids=False)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "pixel_values": torch.rand(n, 3, 48, 48, generator=g) * 2 - 1,
-            "labels": torch.randint(0, 4, (n,), generator=g)}
+from tiny import tiny_batch
 
 
 @pytest.fixture()
@@ -67,7 +59,7 @@ def test_student_update_depends_on_the_teacher_only_with_distillation(parts, met
                                                                       learns_from_teacher):
     backbone, tokenizer = parts
     model, head = _model(backbone, method)
-    batch = _batch(tokenizer)
+    batch = tiny_batch(tokenizer)
     base = _global_after_step(method, model, head, batch, None)
     moved = _global_after_step(method, model, head, batch, teacher_part)
     assert _differs(base, moved) == learns_from_teacher
@@ -88,7 +80,7 @@ def test_single_teacher_is_the_frozen_copy_and_trains_the_global_adapter_and_hea
     frozen = model.adapter_state("global_frozen")
     assert not _differs(frozen, model.adapter_state("global"))
     opt = torch.optim.AdamW(method.param_groups(model, head, LocalConfig()))
-    method.train_step(model, head, _batch(tokenizer), opt, LocalConfig())
+    method.train_step(model, head, tiny_batch(tokenizer), opt, LocalConfig())
     assert _differs(frozen, model.adapter_state("global"))
     assert not _differs(frozen, model.adapter_state("global_frozen"))
 
@@ -102,7 +94,7 @@ def test_nofrozen_has_no_frozen_copy_and_its_teacher_is_the_local_adapter(parts)
     method.prepare_eval(model, newest_global=True)
     local = model.adapter_state("local")
     opt = torch.optim.AdamW(method.param_groups(model, head, LocalConfig()))
-    method.train_step(model, head, _batch(tokenizer), opt, LocalConfig())
+    method.train_step(model, head, tiny_batch(tokenizer), opt, LocalConfig())
     assert _differs(local, model.adapter_state("local"))
 
 

@@ -19,6 +19,7 @@ from feddat.errors import FedDATError
 from feddat.models.backbone import build_word_tokenizer, load_backbone
 from feddat.models.blip import BlipBackbone, PixelTransform, blip_config, encode, save_blip, small_blip_config
 from feddat.models.vl import AnswerHead, adapt_backbone, pooled_features, pooled_features_of_views
+from tiny import randomise_adapters, tiny_batch
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -51,29 +52,11 @@ def blip_model_dir(tmp_path_factory):
     return path
 
 
-def _batch(tokenizer, n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    enc = tokenizer(["what color is the circle ?", "is there a red square ?"] * (n // 2), padding="max_length",
-                    max_length=12, return_tensors="pt", return_token_type_ids=False)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "pixel_values": torch.rand(n, 3, 48, 48, generator=g) * 2 - 1,
-            "labels": torch.randint(0, 4, (n,), generator=g)}
-
-
-def _randomise_adapters(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for slot in model.slots:
-            for adapter in slot.adapters.values():
-                for p in adapter.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 @pytest.fixture()
 def tiny(blip_vqa_dir):
     backbone, tokenizer = load_backbone(blip_vqa_dir, family="blip")
     model = adapt_backbone(backbone, FedDAT.adapters, reduction=4)
-    _randomise_adapters(model)
+    randomise_adapters(model)
     return model, tokenizer
 
 
@@ -94,7 +77,7 @@ def test_loads_the_vqa_layout_with_its_weights_processor_and_tokenizer(blip_vqa_
     expected = ((x + 1) / 2 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     assert torch.allclose(backbone.pixels(x), expected, atol=1e-5)
     # the pooled feature is the text encoder's [CLS] position, attending to the image
-    batch = _batch(tok)
+    batch = tiny_batch(tok)
     with torch.no_grad():
         image = saved.vision_model(pixel_values=expected[:1].repeat(6, 1, 1, 1)).last_hidden_state
     assert image.shape == (6, 17, 32)
@@ -120,7 +103,7 @@ def test_adapters_sit_after_the_ffn_of_every_layer_of_both_encoders(tiny):
     hooked = backbone.adapted_layers()
     assert hooked[:2] == [layer.mlp for layer in backbone.vision_model.encoder.layers]
     assert hooked[2:] == [layer.output for layer in backbone.text_model.encoder.layer]
-    batch = _batch(tok)
+    batch = tiny_batch(tok)
     model.set_view("student")
     base = pooled_features(model, batch)
     g = torch.Generator().manual_seed(3)
@@ -136,7 +119,7 @@ def test_adapters_sit_after_the_ffn_of_every_layer_of_both_encoders(tiny):
 
 def test_teacher_view_equals_mean_of_adapters_formula_through_the_model(tiny):
     model, tok = tiny
-    batch = _batch(tok)
+    batch = tiny_batch(tok)
     model.set_view("teacher")
     got = pooled_features(model, batch)
     # Manual rollout: after every image layer's FFN f <- f + 0.5 * (A_local(f) + A_frozen(f)), then the residual;
@@ -170,7 +153,7 @@ def test_teacher_view_equals_mean_of_adapters_formula_through_the_model(tiny):
 
 def test_views_with_the_shared_prefix_equal_separate_passes(tiny):
     model, tok = tiny
-    batch = _batch(tok)
+    batch = tiny_batch(tok)
     expected = []
     for view in ("teacher", "student"):
         model.set_view(view)
@@ -193,7 +176,7 @@ def test_feddat_local_step_trains_adapters_and_keeps_the_backbone(tiny):
     cfg = LocalConfig()
     opt = torch.optim.AdamW(method.param_groups(model, head, cfg), weight_decay=cfg.weight_decay)
     before = copy.deepcopy(model.state_dict())
-    method.train_step(model, head, _batch(tok), opt, cfg)
+    method.train_step(model, head, tiny_batch(tok), opt, cfg)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(".adapters.global." in k or ".adapters.local." in k for k in changed)
     assert any(k.startswith("slots.0.") for k in changed) and any(k.startswith("slots.3.") for k in changed)

@@ -9,33 +9,16 @@ from feddat.algorithms.base import LocalConfig
 from feddat.algorithms.feddat import FedDAT
 from feddat.algorithms.losses import kd_loss, task_loss
 from feddat.models.adapters import AdapterSlot
-from feddat.models.backbone import encode, load_backbone
+from feddat.models.backbone import load_backbone
 from feddat.models.vl import AnswerHead, adapt_vilt, pooled_features
-
-
-def _randomise_adapters(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for slot in model.slots:
-            for adapter in slot.adapters.values():
-                for p in adapter.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
-def _batch(tokenizer, n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    enc = tokenizer(["what color is the circle ?", "is there a red square ?"] * (n // 2), padding="max_length",
-                    max_length=12, return_tensors="pt", return_token_type_ids=False)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "pixel_values": torch.rand(n, 3, 48, 48, generator=g) * 2 - 1,
-            "labels": torch.randint(0, 4, (n,), generator=g)}
+from tiny import randomise_adapters, tiny_batch
 
 
 @pytest.fixture()
 def tiny(tiny_backbone_dir):
     backbone, tokenizer = load_backbone(tiny_backbone_dir)
     model = adapt_vilt(backbone, FedDAT.adapters, reduction=4)
-    _randomise_adapters(model)
+    randomise_adapters(model)
     torch.manual_seed(1)
     head = AnswerHead(backbone.config.hidden_size, 4)
     return model, head, tokenizer
@@ -54,7 +37,7 @@ def test_slot_adds_the_weighted_mix_of_adapter_outputs():
 
 def test_teacher_view_equals_mean_of_adapters_formula_through_the_model(tiny):
     model, _, tokenizer = tiny
-    batch = _batch(tokenizer)
+    batch = tiny_batch(tokenizer)
     model.set_view("teacher")
     got = pooled_features(model, batch)
     # Manual rollout of ViLT with h <- h + 0.5 * (A_local(h) + A_frozen(h)) after every layer.
@@ -95,7 +78,7 @@ def test_local_step_changes_only_global_local_and_head(tiny):
     cfg = LocalConfig()
     opt = torch.optim.AdamW(method.param_groups(model, head, cfg), weight_decay=cfg.weight_decay)
     m0, h0 = _snapshot(model, head)
-    method.train_step(model, head, _batch(tokenizer), opt, cfg)
+    method.train_step(model, head, tiny_batch(tokenizer), opt, cfg)
     m1, h1 = _snapshot(model, head)
     changed = _changed(m0, m1)
     assert changed, "the step changed nothing"
@@ -141,7 +124,7 @@ def test_efficient_step_equals_three_forward_form(tiny):
     # float64, so that equality is not blurred by float32 rounding of differently ordered kernels
     model.double()
     head.double()
-    batch = {k: v.double() if v.is_floating_point() else v for k, v in _batch(tokenizer).items()}
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in tiny_batch(tokenizer).items()}
     cfg = LocalConfig()
     twin_model, twin_head = copy.deepcopy(model), copy.deepcopy(head)
 

@@ -14,31 +14,18 @@ from feddat.errors import FedDATError
 from feddat.models.adapters import AdapterSlot
 from feddat.models.backbone import load_backbone, random_backbone, vilt_config
 from feddat.models.vl import AnswerHead, adapt_vilt, pooled_features, pooled_features_of_views
+from tiny import QUESTIONS, randomise_adapters, tiny_batch
 
 
-def _randomise_adapters(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for slot in model.slots:
-            for adapter in slot.adapters.values():
-                for p in adapter.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
-def _batch(tokenizer, n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    enc = tokenizer(["what color is the circle ?", "is there a red square ?", "how many"] * (n // 3),
-                    padding="max_length", max_length=12, return_tensors="pt", return_token_type_ids=False)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "pixel_values": torch.rand(n, 3, 48, 48, generator=g) * 2 - 1,
-            "labels": torch.randint(0, 4, (n,), generator=g)}
+def _batch3(tokenizer, n=6, seed=0):
+    return tiny_batch(tokenizer, n, seed, QUESTIONS + ("how many",))
 
 
 @pytest.fixture()
 def tiny(tiny_backbone_dir):
     backbone, tokenizer = load_backbone(tiny_backbone_dir)
     model = adapt_vilt(backbone, FedDAT.adapters, reduction=4)
-    _randomise_adapters(model)
+    randomise_adapters(model)
     for p in model.adapter_parameters("global_frozen"):
         p.requires_grad_(False)
     torch.manual_seed(1)
@@ -78,7 +65,7 @@ def test_fused_step_equals_unfused_step(tiny, optimizer):
     model, head, tokenizer = tiny
     model.double()
     head.double()
-    batch = {k: v.double() if v.is_floating_point() else v for k, v in _batch(tokenizer).items()}
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in _batch3(tokenizer).items()}
     method = FedDAT()
     twin_model, twin_head = copy.deepcopy(model), copy.deepcopy(head)
 
@@ -121,7 +108,7 @@ def test_step_passes(tiny, fused, first, last, backward):
     method = FedDAT()
     opt = torch.optim.SGD(method.param_groups(model, head, LocalConfig()), lr=0.1)
     seen = _count_passes(model)
-    method.train_step(model, head, _batch(tokenizer), opt, LocalConfig(fused=fused))
+    method.train_step(model, head, _batch3(tokenizer), opt, LocalConfig(fused=fused))
     assert seen == (first, last, backward)
 
 
@@ -148,7 +135,7 @@ def _two_pass_step(model, head, batch, opt, t):
 def test_unfused_step_is_bitwise_the_two_pass_step(tiny):
     """Sharing the frozen first layer between the views changes no bit of the result (float32, AdamW)."""
     model, head, tokenizer = tiny
-    batch = _batch(tokenizer)
+    batch = _batch3(tokenizer)
     method, cfg = FedDAT(), LocalConfig()
     twin_model, twin_head = copy.deepcopy(model), copy.deepcopy(head)
 
@@ -167,7 +154,7 @@ def test_unfused_step_is_bitwise_the_two_pass_step(tiny):
 
 def test_views_share_the_frozen_first_layer_exactly(tiny):
     model, _, tokenizer = tiny
-    batch = _batch(tokenizer)
+    batch = _batch3(tokenizer)
     expected = []
     for view in ("teacher", "student"):
         model.set_view(view)

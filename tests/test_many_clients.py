@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,8 +198,6 @@ def _same_adapter(state, glob) -> bool:
 
 # ----- private state on disk -----
 def test_states_on_disk_give_exactly_the_numbers_of_states_in_memory(tiny_config, tmp_path):
-    from feddat.federation.client_state import DiskStates
-
     memory = _sampled_run(tiny_config)
     disk = _sampled_run(tiny_config, client_state_dir=str(tmp_path / "states"))
     assert memory["final"]["clients"] == disk["final"]["clients"]

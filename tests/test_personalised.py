@@ -14,15 +14,7 @@ from feddat.algorithms.personalised import ALPHA, APFLAdapter, DittoAdapter, Fed
 from feddat.models.adapters import AdapterSlot, ParameterMix
 from feddat.models.backbone import load_backbone
 from feddat.models.vl import AnswerHead, adapt_vilt, pooled_features
-
-
-def _batch(tokenizer, n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    enc = tokenizer(["what color is the circle ?", "is there a red square ?"] * (n // 2), padding="max_length",
-                    max_length=12, return_tensors="pt", return_token_type_ids=False)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "pixel_values": torch.rand(n, 3, 48, 48, generator=g) * 2 - 1,
-            "labels": torch.randint(0, 4, (n,), generator=g)}
+from tiny import tiny_batch
 
 
 def _tiny(backbone_dir, method, seed=0):
@@ -77,7 +69,7 @@ def test_proximal_gradient_is_coefficient_times_difference():
 def test_ditto_personal_step_is_task_gradient_plus_lambda_times_distance_to_received_global(tiny_backbone_dir):
     method = DittoAdapter()
     model, head, tokenizer = _tiny(tiny_backbone_dir, method)
-    batch = _batch(tokenizer)
+    batch = tiny_batch(tokenizer)
     cfg = LocalConfig(ditto_lambda=0.7)
     method.begin_round(model)
     received = [p.detach().clone() for p in model.adapter_parameters("global")]
@@ -100,7 +92,7 @@ def test_ditto_personal_step_is_task_gradient_plus_lambda_times_distance_to_rece
 def test_fedprox_gradient_adds_mu_times_distance_to_received_global(tiny_backbone_dir):
     method = FedProxAdapter()
     model, head, tokenizer = _tiny(tiny_backbone_dir, method)
-    batch = _batch(tokenizer)
+    batch = tiny_batch(tokenizer)
     cfg = LocalConfig(fedprox_mu=2.0)
     method.begin_round(model)
     received = [p.detach().clone() for p in model.adapter_parameters("global")]
@@ -134,7 +126,7 @@ def test_fedrep_trains_the_head_then_the_adapter(tiny_backbone_dir):
     for epoch in range(method.local_epochs(cfg)):
         method.begin_epoch(epoch, cfg)
         m0, h0 = _snapshot(model, head)
-        method.train_step(model, head, _batch(tokenizer, seed=epoch), opt, cfg)
+        method.train_step(model, head, tiny_batch(tokenizer, seed=epoch), opt, cfg)
         m1, h1 = _snapshot(model, head)
         phases.append((method.phase, _changed(m0, m1), _changed(h0, h1), set(h0)))
     assert [p[0] for p in phases] == ["head", "head", "adapter"]
@@ -179,7 +171,7 @@ def test_clipped_sgd_step_keeps_alpha_in_unit_interval():
 def test_apfl_step_moves_alpha_by_the_mixed_loss_gradient(tiny_backbone_dir):
     method = APFLAdapter()
     model, head, tokenizer = _tiny(tiny_backbone_dir, method)
-    batch = _batch(tokenizer)
+    batch = tiny_batch(tokenizer)
     cfg = LocalConfig(apfl_alpha_lr=0.5)
     method.load_private_state(model, {ALPHA: torch.tensor(0.4)})
     with pytest.raises(ValueError, match="set_parameter_mix"):

@@ -148,6 +148,15 @@ def open_client_states(setup: Setup):
         index[name], len(clients[index[name]].answers), cfg.seed))
 
 
+def finish_run(setup: Setup, history: History, states, global_state, out_dir: Path | None, t_start: float) -> dict:
+    """The final evaluation and report, then (with an out dir) every client's model and results.json."""
+    final_report(setup, history, states, global_state, time.time() - t_start)
+    if out_dir is not None:
+        save_client_models(setup, out_dir, states, global_state)
+        history.save(out_dir)
+    return history.data
+
+
 def restore(resume: Checkpoint | None, global_state, states, order_rng: np.random.Generator,
             history: History) -> tuple:
     """(global state, first round to run): from `resume` if given (its client states, client-order and torch RNG
@@ -233,8 +242,4 @@ def _rounds(setup: Setup, states, out_dir: Path | None, progress: bool, tracker,
             save_checkpoint(out_dir, r + 1, cfg.to_dict(), global_state, states, order_rng.bit_generator.state,
                             history.data)
     bar.close()
-    final_report(setup, history, states, global_state, time.time() - t_start)
-    if out_dir is not None:
-        save_client_models(setup, out_dir, states, global_state)
-        history.save(out_dir)
-    return history.data
+    return finish_run(setup, history, states, global_state, out_dir, t_start)

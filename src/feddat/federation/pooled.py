@@ -60,7 +60,7 @@ def run_pooled(setup, states, out_dir: Path | None, progress: bool, tracker, t_s
                resume: Checkpoint | None) -> dict:
     """Train a pooled method on every client's training data at once; score, checkpoint and report as the
     in-process engine does for the federated methods."""
-    from feddat.federation.inprocess import evaluate_all, final_report, restore, save_client_models
+    from feddat.federation.inprocess import evaluate_all, finish_run, restore
 
     cfg, worker, clients = setup.cfg, setup.worker, setup.clients
     method, local = worker.method, worker.local
@@ -117,8 +117,4 @@ def run_pooled(setup, states, out_dir: Path | None, progress: bool, tracker, t_s
             save_checkpoint(out_dir, r + 1, cfg.to_dict(), global_state, states, order_rng.bit_generator.state,
                             history.data)
     bar.close()
-    final_report(setup, history, states, global_state, time.time() - t_start)
-    if out_dir is not None:
-        save_client_models(setup, out_dir, states, global_state)
-        history.save(out_dir)
-    return history.data
+    return finish_run(setup, history, states, global_state, out_dir, t_start)
