@@ -192,13 +192,13 @@ def test_centralised_step_pools_clients_and_trains_each_clients_head(base):
     worker.method.load_shared_state(worker.model, worker.initial_global(0))
     heads = _heads(worker, clients, states)
     owners, rows = np.array([0, 0, 0, 1, 1, 3, 3, 3]), np.array([0, 1, 2, 0, 1, 5, 6, 7])
-    batch = pooled_batch(clients, owners, rows, "cpu")
-    assert batch["input_ids"].shape[0] == 8
-    assert torch.equal(batch["labels"][3:5], clients[1].train.labels[[0, 1]])
+    parts = pooled_batch(clients, owners, rows, "cpu")
+    assert sorted(parts) == [0, 1, 3] and [len(p["input_ids"]) for p in parts.values()] == [3, 2, 3]
+    assert torch.equal(parts[1]["labels"], clients[1].train.labels[[0, 1]])
     before_heads = [[p.detach().clone() for p in h.parameters()] for h in heads]
     before_adapter = [p.detach().clone() for p in worker.model.adapter_parameters("global")]
     opt = torch.optim.AdamW(worker.method.pooled_param_groups(worker.model, heads, setup.cfg.local))
-    worker.method.pooled_step(worker.model, heads, batch, torch.as_tensor(owners), opt)
+    worker.method.pooled_step(worker.model, heads, parts, opt)
     moved = [any(not torch.equal(a, p) for a, p in zip(b, h.parameters())) for b, h in zip(before_heads, heads)]
     assert moved == [True, True, False, True, False]
     assert any(not torch.equal(a, p) for a, p in zip(before_adapter, worker.model.adapter_parameters("global")))

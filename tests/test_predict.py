@@ -70,7 +70,7 @@ def test_run_saves_every_client_model(saved_run):
         assert len(meta["backbone"]["sha256"]) == 64
         assert meta["adapters"] == {"names": ["global", "local", "global_frozen"], "shared": "global",
                                     "reduction": 4, "bottleneck": 8, "dim": 32, "layers": 2}
-        assert meta["head"] == {"dim": 32, "hidden": 64, "n_answers": len(meta["answers"])}
+        assert meta["head"] == {"task": "vqa", "dim": 32, "n_answers": len(meta["answers"])}
         tensors = load_file(str(d / "model.safetensors"))
         names = {k.split(".")[1] for k in tensors if k.startswith("adapter.")}
         assert names == {"global", "local", "global_frozen"}

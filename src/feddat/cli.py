@@ -175,8 +175,11 @@ def _predict(args) -> int:
         raise FedDATError(f"--batch-size must be a positive integer, got {args.batch_size}")
     if args.image is not None:
         image = read_image(args.image)
+        image2 = [read_image(args.image2)] if args.image2 else None
+        candidates = [[c.strip() for c in args.candidates.split("|")]] if args.candidates else None
         model = load_client(args.run, args.client, args.model_path, args.device, args.backbone)
-        (answers,) = model.predict([image], [args.question], view=args.view, top_k=args.top_k)
+        (answers,) = model.predict([image], [args.question], view=args.view, top_k=args.top_k, images2=image2,
+                                   candidates=candidates)
         width = max(len(a) for a, _ in answers)
         for answer, p in answers:
             print(f"{answer.ljust(width)}  {p:.4f}")
@@ -199,7 +202,10 @@ def _predict(args) -> int:
             for start in range(0, len(records), args.batch_size):
                 chunk = records[start:start + args.batch_size]
                 images = [read_image(resolve(r["image"])) for r in chunk]
-                preds = model.predict(images, [r["question"] for r in chunk], view=args.view, top_k=args.top_k)
+                images2 = [read_image(resolve(r["image2"])) for r in chunk] if "image2" in chunk[0] else None
+                candidates = [r["candidates"] for r in chunk] if "candidates" in chunk[0] else None
+                preds = model.predict(images, [r["question"] for r in chunk], view=args.view, top_k=args.top_k,
+                                      images2=images2, candidates=candidates)
                 for rec, answers in zip(chunk, preds):
                     rec = dict(rec, answers=[a for a, _ in answers], probabilities=[p for _, p in answers])
                     f.write(json.dumps(rec) + "\n")
@@ -375,7 +381,10 @@ def parser() -> argparse.ArgumentParser:
     pred.add_argument("--client", required=True, help="which client's model (e.g. clipart)")
     pred.add_argument("--image", help="an image file (the backbone's image size, e.g. 48x48 for the embedded one)")
     pred.add_argument("--question", help="the question about --image")
-    pred.add_argument("--input", help="JSON lines with \"image\" (path, relative to the file) and \"question\"")
+    pred.add_argument("--image2", help="image-pair clients: the second image of the statement")
+    pred.add_argument("--candidates", help="multiple-choice clients: the candidate answers, separated by |")
+    pred.add_argument("--input", help="JSON lines with \"image\" (path, relative to the file) and \"question\" (and "
+                      "\"image2\" for image pairs, \"candidates\" for multiple choice)")
     pred.add_argument("--output", help="JSON lines written for --input: each record plus answers and probabilities")
     pred.add_argument("--top-k", dest="top_k", type=int, default=5, help="answers to show (default: 5)")
     pred.add_argument("--view", help="student, local, teacher, frozen or mixed, among the views the method "

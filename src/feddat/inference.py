@@ -107,6 +107,7 @@ class ClientModel:
         self.name: str = meta["client"]
         self.method: str = meta["method"]
         self.answers: list[str] = list(meta["answers"])
+        self.task: str = meta["head"].get("task", "vqa")
         self.predict_view: str = meta["predict_view"]
         self.views: list[str] = list(meta["views"])
         self.newest_global = meta["eval_frozen"] == "newest"
@@ -121,7 +122,7 @@ class ClientModel:
         self._load()
 
     def _check_tensors(self, tensors: dict[str, torch.Tensor], where: str) -> None:
-        expected = self.worker.export_shapes(len(self.answers))
+        expected = self.worker.export_shapes(self.head_spec)
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         if missing or extra:
             raise FedDATError(f"{where} does not fit a {self.method} client on this backbone: "
@@ -132,8 +133,14 @@ class ClientModel:
                 raise FedDATError(f"{where}: tensor {k} has shape {tuple(tensors[k].shape)}, but this backbone and "
                                   f"client.json need {tuple(shape)}: the backbone is not the one it was trained on")
 
+    @property
+    def head_spec(self):
+        from feddat.models.vl import HeadSpec
+
+        return HeadSpec(self.task, len(self.answers))
+
     def _load(self) -> None:
-        self.head = self.worker.prepare_eval(self.state, self.global_state, len(self.answers), self.newest_global)
+        self.head = self.worker.prepare_eval(self.state, self.global_state, self.head_spec, self.newest_global)
 
     def _view(self, view: str | None) -> str:
         view = self.predict_view if view is None else view
@@ -152,10 +159,36 @@ class ClientModel:
 
         return pixel_tensor(np.stack(arrays)) if arrays else torch.zeros(0, 3, self.image_size, self.image_size)
 
+    def _task_inputs(self, n: int, images2: Sequence | None, candidates: Sequence[Sequence[str]] | None) -> None:
+        """Check that the inputs fit the client's task: a second image per statement for image pairs, the
+        candidate answers per question for multiple choice, neither otherwise."""
+        if self.task == "pair" and images2 is None:
+            raise FedDATError(f"client {self.name} reasons over image pairs: give a second image per statement "
+                              "(--image2, or \"image2\" in the input file)")
+        if self.task != "pair" and images2 is not None:
+            raise FedDATError(f"client {self.name} ({self.task}) takes one image per question, not a pair")
+        if self.task == "choice" and candidates is None:
+            raise FedDATError(f"client {self.name} answers multiple choice: give the candidate answers "
+                              "(--candidates, or \"candidates\" in the input file)")
+        if self.task != "choice" and candidates is not None:
+            raise FedDATError(f"client {self.name} ({self.task}) does not choose among candidates")
+        if images2 is not None and len(images2) != n:
+            raise FedDATError(f"{n} statements but {len(images2)} second images")
+        if candidates is not None:
+            if len(candidates) != n:
+                raise FedDATError(f"{n} questions but {len(candidates)} candidate lists")
+            for i, c in enumerate(candidates):
+                if isinstance(c, str) or len(c) != len(self.answers):
+                    raise FedDATError(f"question {i} has {0 if isinstance(c, str) else len(c)} candidates; client "
+                                      f"{self.name} chooses among {len(self.answers)}")
+
     @torch.no_grad()
     def logits(self, images: Sequence, questions: Sequence[str], view: str | None = None,
-               batch_size: int = 256) -> torch.Tensor:
-        """(n, answers) logits of the answer head under `view` (default: the method's predicting view)."""
+               batch_size: int = 256, images2: Sequence | None = None,
+               candidates: Sequence[Sequence[str]] | None = None) -> torch.Tensor:
+        """(n, answers) logits of the answer head under `view` (default: the method's predicting view); for
+        image pairs `images2` holds each statement's second image, for multiple choice `candidates` each
+        question's candidate answers (the logits are then over the candidates)."""
         from feddat.data.pool import tokenize
         from feddat.models.vl import pooled_features
 
@@ -163,9 +196,18 @@ class ClientModel:
             raise FedDATError("questions must be a list of strings, one per image")
         if len(images) != len(questions):
             raise FedDATError(f"{len(images)} images but {len(questions)} questions; give one question per image")
+        self._task_inputs(len(questions), images2, candidates)
         view = self._view(view)
         pixels = self._pixels(images)
-        ids, mask = tokenize(self.tokenizer, list(questions), self.text_len)
+        if images2 is not None:
+            pixels = torch.stack([pixels, self._pixels(images2)], dim=1)
+        if candidates is not None:
+            k = len(self.answers)
+            ids, mask = tokenize(self.tokenizer, [f"{q} {c}" for q, cs in zip(questions, candidates) for c in cs],
+                                 self.text_len)
+            ids, mask = ids.view(len(questions), k, -1), mask.view(len(questions), k, -1)
+        else:
+            ids, mask = tokenize(self.tokenizer, list(questions), self.text_len)
         self._load()
         self.worker.model.set_view(view)
         out = []
@@ -177,14 +219,17 @@ class ClientModel:
         return torch.cat(out) if out else torch.zeros(0, len(self.answers))
 
     def predict(self, images: Sequence, questions: Sequence[str], view: str | None = None,
-                top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """The top_k answers with their probabilities (softmax over the client's label space), per question."""
+                top_k: int = 5, images2: Sequence | None = None,
+                candidates: Sequence[Sequence[str]] | None = None) -> list[list[tuple[str, float]]]:
+        """The top_k answers with their probabilities (softmax over the client's label space; for multiple
+        choice over the question's candidates, named by their text), per question."""
         if not isinstance(top_k, int) or top_k < 1:
             raise FedDATError(f"top-k must be a positive integer, got {top_k!r}")
-        probs = torch.softmax(self.logits(images, questions, view), dim=-1)
+        probs = torch.softmax(self.logits(images, questions, view, images2=images2, candidates=candidates), dim=-1)
         k = min(top_k, len(self.answers))
         values, indices = probs.topk(k, dim=-1)
-        return [[(self.answers[int(i)], float(p)) for p, i in zip(vs, ix)] for vs, ix in zip(values, indices)]
+        names = [list(c) for c in candidates] if candidates is not None else [self.answers] * len(questions)
+        return [[(name[int(i)], float(p)) for p, i in zip(vs, ix)] for vs, ix, name in zip(values, indices, names)]
 
     def evaluate(self, data, views: Iterable[str] | None = None, split: str = "test") -> dict[str, dict]:
         """Scores on a ClientData split, as Worker.evaluate (and so the run) computes them."""
@@ -283,7 +328,8 @@ def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, mode
         check_backbone(meta, path, backbone, where)
         model = ClientModel(worker, tokenizer, meta, tensors, where)
         evals[name] = model.evaluate(data[name], views)
-    history = History(results["config"], names, {n: saved[n][1]["answers"] for n in names})
+    history = History(results["config"], names, {n: saved[n][1]["answers"] for n in names},
+                      {n: data[n].describe() for n in names})
     finish_history(history, method, evals, time.time() - t_start)
     out = dict(history.data)
     out.pop("rounds")
@@ -294,8 +340,8 @@ def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, mode
 def evaluate_file(run_dir: str | Path, client: str, records: Sequence[dict], base: Path,
                   model_path: str | Path | None = None, view: str | None = None, device: str = "cpu",
                   batch_size: int = 64, progress: bool = False, family: str | None = None) -> dict:
-    """Score one saved client on labelled records ({"image": path, "question": ..., "answer": ...}; image paths
-    relative to `base`). An answer outside the client's label space counts as wrong and is counted apart.
+    """Score one saved client on labelled records ({"image": path, "question": ..., "answer": ...}, plus "image2"
+    for an image-pair client and "candidates" for a multiple-choice one; image paths relative to `base`). An answer outside the client's label space counts as wrong and is counted apart.
     Returns a results-like dict: final.clients {client: accuracy}, final.avg_score, n, unknown_answers, view."""
     from tqdm import tqdm
 
@@ -307,12 +353,16 @@ def evaluate_file(run_dir: str | Path, client: str, records: Sequence[dict], bas
     with tqdm(total=len(records), desc=f"eval {client}", unit="question", disable=not progress) as bar:
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
-            images = [read_image(base / r["image"] if not Path(r["image"]).is_absolute() else r["image"])
-                      for r in chunk]
-            logits = model.logits(images, [r["question"] for r in chunk], view)
-            for rec, row in zip(chunk, logits):
-                unknown += rec["answer"] not in known
-                correct += model.answers[int(row.argmax())] == rec["answer"]
+            read = lambda p: read_image(base / p if not Path(p).is_absolute() else p)
+            images = [read(r["image"]) for r in chunk]
+            images2 = [read(r["image2"]) for r in chunk] if model.task == "pair" else None
+            candidates = [r["candidates"] for r in chunk] if model.task == "choice" else None
+            logits = model.logits(images, [r["question"] for r in chunk], view, images2=images2,
+                                  candidates=candidates)
+            for i, (rec, row) in enumerate(zip(chunk, logits)):
+                names = candidates[i] if candidates is not None else model.answers
+                unknown += rec["answer"] not in (names if candidates is not None else known)
+                correct += names[int(row.argmax())] == rec["answer"]
             bar.update(len(chunk))
     score = correct / len(records) if records else float("nan")
     se = (score * (1 - score) / len(records)) ** 0.5 if records else float("nan")

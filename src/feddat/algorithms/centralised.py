@@ -38,18 +38,16 @@ class CentralisedAdapter(Method):
                 {"params": list(model.adapter_parameters("global")), "lr": cfg.lr_adapter,
                  "base_lr": cfg.lr_adapter}]
 
-    def pooled_step(self, model: AdaptedModel, heads: list[AnswerHead], batch: dict, owners: torch.Tensor,
+    def pooled_step(self, model: AdaptedModel, heads: list[AnswerHead], parts: dict[int, dict],
                     opt: torch.optim.Optimizer) -> dict[str, float]:
-        """One pooled mini-batch: features of every sample through the shared adapter, each sample's task
-        loss through its own client's head (`owners[i]` indexes `heads`), weighted by the clients' shares of
-        the batch so that the loss is the mean over the batch's samples."""
+        """One pooled mini-batch, given as each client's part ({index into `heads`: batch}): features of every
+        sample through the shared adapter, each sample's task loss through its own client's head, weighted
+        by the clients' shares of the batch so that the loss is the mean over the batch's samples."""
         model.set_view("student")
-        features = pooled_features(model, batch)
-        n = len(owners)
-        loss = features.new_zeros(())
-        for c in owners.unique().tolist():
-            mask = owners == c
-            loss = loss + task_loss(heads[c](features[mask]), batch["labels"][mask]) * (mask.sum() / n)
+        n = sum(len(b["labels"]) for b in parts.values())
+        loss = 0.0
+        for c, batch in parts.items():
+            loss = loss + task_loss(heads[c](pooled_features(model, batch)), batch["labels"]) * (len(batch["labels"]) / n)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

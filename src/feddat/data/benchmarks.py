@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from feddat.data.function import function_clients
-from feddat.data.pool import Records, generate, pixel_tensor, tokenize
+from feddat.data.pool import ENTAILMENT_LABELS, PAIR_LABELS, Records, generate, pixel_tensor, tokenize
 from feddat.data.questions import QTYPES
 from feddat.data.scene import scene_clients
+from feddat.data.task import task_clients
 from feddat.data.world import COLORS, SHAPES
 from feddat.errors import FedDATError
 
@@ -86,6 +87,7 @@ BENCHMARKS = {
     "domain-noshift": lambda: domain_clients(conflicting_shifts=False),
     "function": function_clients,  # one question function per client (src/feddat/data/function.py)
     "scene": scene_clients,        # one scene type per client (src/feddat/data/scene.py)
+    "task": task_clients,          # one vision-language task per client (src/feddat/data/task.py)
 }
 
 
@@ -93,24 +95,29 @@ BENCHMARKS = {
 class Split:
     """One split of one client, as tensors ready for a backbone."""
 
-    input_ids: torch.Tensor
+    input_ids: torch.Tensor      # (n, L); multiple choice: (n, k, L), the question with each candidate
     attention_mask: torch.Tensor
     pixels: torch.Tensor         # (n_images, 3, H, W), one per image
     image_index: torch.Tensor    # (n,) which image each question is about
-    labels: torch.Tensor         # (n,) index into the client's answer list
+    labels: torch.Tensor         # (n,) index into the client's answer list; VQA with annotators: (n, answers)
+                                 # soft scores (float); multiple choice: the right candidate's position
     qtypes: np.ndarray
     questions: list[str]
     shifted: np.ndarray          # bool: the question uses a word this client gives another meaning
     synonym: np.ndarray          # bool: the question uses a word absent from pretraining
+    image_index2: torch.Tensor | None = None  # image pairs: each statement's second image
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def batch(self, idx: torch.Tensor, device="cpu") -> dict:
+        pixels = self.pixels[self.image_index[idx]]
+        if self.image_index2 is not None:  # (B, 2, 3, H, W)
+            pixels = torch.stack([pixels, self.pixels[self.image_index2[idx]]], dim=1)
         return {
             "input_ids": self.input_ids[idx].to(device),
             "attention_mask": self.attention_mask[idx].to(device),
-            "pixel_values": self.pixels[self.image_index[idx]].to(device),
+            "pixel_values": pixels.to(device),
             "labels": self.labels[idx].to(device),
         }
 
@@ -118,10 +125,25 @@ class Split:
 @dataclass
 class ClientData:
     name: str
-    answers: list[str]
+    answers: list[str]           # the label space (multiple choice: the candidates' positions)
     train: Split
     val: Split
     test: Split
+    task: str = "vqa"            # feddat.data.pool.TASKS
+
+    @property
+    def head_spec(self):
+        from feddat.models.vl import HeadSpec
+
+        return HeadSpec(self.task, len(self.answers))
+
+    @property
+    def metric(self) -> str:
+        """How its items are scored: the VQA soft score where annotators' answers exist, else accuracy."""
+        return "vqa-score" if self.train.labels.is_floating_point() else "accuracy"
+
+    def describe(self) -> dict[str, str]:
+        return {"task": self.task, "metric": self.metric}
 
 
 @dataclass(frozen=True)
@@ -166,7 +188,10 @@ def _save_records(path: Path, recs: dict[str, Records]) -> None:
         arrays[f"{split}_images"] = r.images
         arrays[f"{split}_image_index"] = r.image_index
         meta[split] = {"questions": r.questions, "answers": r.answers, "qtypes": r.qtypes, "shifted": r.shifted,
-                       "synonym": r.synonym}
+                       "synonym": r.synonym, "task": r.task, "candidates": r.candidates,
+                       "annotator_answers": r.annotator_answers, "ids": r.ids}
+        if r.image_index2 is not None:
+            arrays[f"{split}_image_index2"] = r.image_index2
     tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # one name per process: concurrent fillers do not collide
     np.savez_compressed(tmp, meta=np.asarray(json.dumps(meta)), **arrays)
     tmp.replace(path)
@@ -180,8 +205,10 @@ def _load_records(path: Path) -> dict[str, Records]:
             for split, m in meta.items():
                 images = z[f"{split}_images"]
                 empty = np.zeros((len(images), 16), dtype=np.int64)
+                index2 = z[f"{split}_image_index2"] if f"{split}_image_index2" in z.files else None
                 out[split] = Records(images, empty, empty, z[f"{split}_image_index"], m["questions"], m["answers"],
-                                     m["qtypes"], m["shifted"], m["synonym"])
+                                     m["qtypes"], m["shifted"], m["synonym"], m.get("task", "vqa"), index2,
+                                     m.get("candidates"), m.get("annotator_answers"), m.get("ids", []))
             return out
     except Exception as e:  # any damage to the file: say which file and how to fix it
         raise FedDATError(f"benchmark cache file {path} is unreadable ({type(e).__name__}: {e}); delete it and it "
@@ -230,18 +257,57 @@ def _merge_clients(per_client: dict[str, dict[str, Records]]) -> dict[str, Recor
 def _split_by_client(stored: dict[str, Records], specs: list[ClientSpec]) -> dict[str, dict]:
     out = {s.name: {} for s in specs}
     for key, r in stored.items():
-        client, split = key.split("/")
+        client, split = key.rsplit("/", 1)
         if client not in out:
             raise FedDATError(f"benchmark cache names an unknown client {client!r}; delete the cache file")
         out[client][split] = r
     return out
 
 
+CHOICE_LABELS = ("A", "B", "C", "D", "E", "F", "G", "H")
+
+
+def label_space(task: str, train: Records, shared: list[str] | None = None) -> list[str]:
+    """A client's answers: its train split's (or a partition's shared ones) for VQA; the task's classes
+    otherwise (multiple choice: the candidates' positions A, B, C, ...)."""
+    if task == "entailment":
+        return list(ENTAILMENT_LABELS)
+    if task == "pair":
+        return list(PAIR_LABELS)
+    if task == "choice":
+        k = len(train.candidates[0]) if train.candidates else 4
+        return list(CHOICE_LABELS[:k])
+    return shared or sorted(set(train.answers))
+
+
+def soft_scores(annotators: list[str], lookup: dict[str, int]) -> torch.Tensor:
+    """VQA soft targets of one question: 0.3, 0.6, 0.9, 1.0 for an answer 1, 2, 3, >= 4 annotators gave."""
+    row = torch.zeros(len(lookup))
+    for a in set(annotators):
+        if a in lookup:
+            row[lookup[a]] = min(1.0, 0.3 * annotators.count(a))
+    return row
+
+
 def _to_split(r: Records, tokenizer, text_len: int, lookup: dict[str, int]) -> Split:
-    ids, mask = tokenize(tokenizer, r.questions, text_len)
-    return Split(ids, mask, pixel_tensor(r.images), torch.as_tensor(r.image_index),
-                 torch.tensor([lookup.get(a, -1) for a in r.answers]), np.asarray(r.qtypes), list(r.questions),
-                 np.asarray(r.shifted, dtype=bool), np.asarray(r.synonym, dtype=bool))
+    index2 = None if r.image_index2 is None else torch.as_tensor(r.image_index2)
+    if r.task == "choice":
+        if r.candidates is None or len(r.candidates) != len(r.questions):
+            raise FedDATError("multiple-choice records need one candidate list per question")
+        k = len(r.candidates[0])
+        texts = [f"{q} {c}" for q, cands in zip(r.questions, r.candidates) for c in cands]
+        ids, mask = tokenize(tokenizer, texts, text_len)
+        ids, mask = ids.view(len(r.questions), k, -1), mask.view(len(r.questions), k, -1)
+        labels = torch.tensor([cands.index(a) for a, cands in zip(r.answers, r.candidates)])
+    else:
+        ids, mask = tokenize(tokenizer, r.questions, text_len)
+        if r.task == "vqa" and r.annotator_answers:
+            labels = torch.stack([soft_scores(a, lookup) for a in r.annotator_answers]) if len(r.questions) \
+                else torch.zeros(0, len(lookup))
+        else:
+            labels = torch.tensor([lookup.get(a, -1) for a in r.answers])
+    return Split(ids, mask, pixel_tensor(r.images), torch.as_tensor(r.image_index), labels, np.asarray(r.qtypes),
+                 list(r.questions), np.asarray(r.shifted, dtype=bool), np.asarray(r.synonym, dtype=bool), index2)
 
 
 def load_benchmark(benchmark: str, seed: int, sizes: Sizes, tokenizer, text_len: int,
@@ -257,8 +323,9 @@ def load_benchmark(benchmark: str, seed: int, sizes: Sizes, tokenizer, text_len:
         shared = shared_answers(recs)
     clients = []
     for name, splits in recs.items():
-        answers = shared or sorted(set(splits["train"].answers))
+        task = splits["train"].task
+        answers = label_space(task, splits["train"], shared)
         lookup = {a: i for i, a in enumerate(answers)}
         clients.append(ClientData(name, answers, *(_to_split(splits[s], tokenizer, text_len, lookup)
-                                                   for s in ("train", "val", "test"))))
+                                                   for s in ("train", "val", "test")), task=task))
     return clients

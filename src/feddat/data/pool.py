@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,9 +24,25 @@ class Records:
     qtypes: list[str]
     shifted: list[bool]         # the question mentions a word whose meaning this client changed
     synonym: list[bool]         # the question uses a word absent from pretraining
+    task: str = "vqa"           # vqa | entailment | pair | choice: what the client's head does (TASKS)
+    image_index2: np.ndarray | None = None  # pair: the second image of each statement
+    candidates: list[list[str]] | None = None  # choice: each question's candidate answers; its answer is one
+    annotator_answers: list[list[str]] | None = None  # vqa: every annotator's answer, for soft VQA scores
+    ids: list[str] = field(default_factory=list)  # source record ids (real datasets), for error messages
 
     def __len__(self) -> int:
         return len(self.questions)
+
+
+# The kinds of client task, and how each is scored (docs/benchmarks.md, "Task").
+TASKS = {
+    "vqa": "answer classification over the client's answers; VQA score (soft) where annotators' answers exist",
+    "entailment": "image + statement -> entailment / neutral / contradiction; accuracy",
+    "pair": "two images + statement -> true / false; accuracy",
+    "choice": "question + candidate answers -> the right candidate; accuracy",
+}
+ENTAILMENT_LABELS = ["contradiction", "entailment", "neutral"]
+PAIR_LABELS = ["false", "true"]
 
 
 def generate(rng: np.random.Generator, n_questions: int, styles: list[str], qtypes: list[str],

@@ -32,6 +32,8 @@ WORDS = (
 # (`feddat.models.backbone.extend_word_vocabulary`), as pretraining does for the synonyms.
 EXTRA_WORDS = ("in", "row", "column", "1", "2", "3", "4", "left", "above", "next", "to", "and", "or", "not",
                "used", "for", "made")
+# Words of the Task benchmark's statements and candidate answers, appended at load in the same way.
+TASK_WORDS = ("small", "big", "both", "images", "have", "only", "one", "image", "has", "0", "5", "6", "7")
 
 
 def answer_vocabulary() -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from feddat.data.benchmarks import Sizes, client_records
+from feddat.data.benchmarks import Sizes, client_records, label_space
 from feddat.data.pool import Records
 
 SAMPLES = 12
@@ -56,7 +56,8 @@ def benchmark_stats(records: dict[str, dict[str, Records]]) -> dict:
             "images": {s: int(len(r.images)) for s, r in splits.items()},
             "answers": dict(sorted(answers.items())),
             "qtypes": dict(sorted(qtypes.items())),
-            "label_space": len(set(splits["train"].answers)),
+            "label_space": len(label_space(splits["train"].task, splits["train"])),
+            "task": splits["train"].task,
         }
     answer_js = _pairwise({n: c["answers"] for n, c in clients.items()})
     qtype_js = _pairwise({n: c["qtypes"] for n, c in clients.items()})
@@ -120,9 +121,16 @@ def sample_sheet(r: Records, n: int = SAMPLES) -> Image.Image:
     draw = ImageDraw.Draw(sheet)
     for k in range(n):
         x, y = (k % COLUMNS) * cell_w + 8, (k // COLUMNS) * cell_h + 4
-        img = Image.fromarray(r.images[r.image_index[k]]).resize((side, side), Image.NEAREST)
-        sheet.paste(img, (x, y))
-        text = _wrap(r.questions[k], side // 6)[:TEXT_ROWS - 1] + [f"-> {r.answers[k]}"]
+        if r.image_index2 is not None:  # an image pair: the two side by side, each half as wide
+            for j, i in enumerate((r.image_index[k], r.image_index2[k])):
+                half = Image.fromarray(r.images[i]).resize((side // 2 - 1, side // 2 - 1), Image.NEAREST)
+                sheet.paste(half, (x + j * (side // 2), y + side // 4))
+        else:
+            sheet.paste(Image.fromarray(r.images[r.image_index[k]]).resize((side, side), Image.NEAREST), (x, y))
+        question = r.questions[k]
+        if r.candidates is not None:  # multiple choice: the candidates after the question
+            question += " | " + " / ".join(r.candidates[k])
+        text = _wrap(question, side // 6)[:TEXT_ROWS - 1] + [f"-> {r.answers[k]}"]
         for i, line in enumerate(text):
             draw.text((x, y + side + 2 + i * line_h), line, fill=(0, 0, 0) if i < len(text) - 1 else (0, 90, 200),
                       font=font)

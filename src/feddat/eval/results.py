@@ -36,9 +36,12 @@ class History:
     report; so every engine reports the same numbers under the same names.
     """
 
-    def __init__(self, config: dict[str, Any], clients: list[str], label_spaces: dict[str, list[str]]):
+    def __init__(self, config: dict[str, Any], clients: list[str], label_spaces: dict[str, list[str]],
+                 tasks: dict[str, dict[str, str]] | None = None):
+        """`tasks`: {client: {"task": kind, "metric": "vqa-score" or "accuracy"}} (default: VQA accuracy)."""
+        tasks = tasks or {c: {"task": "vqa", "metric": "accuracy"} for c in clients}
         self.data: dict[str, Any] = {"config": config, "clients": clients, "label_spaces": label_spaces,
-                                     "rounds": [], "final": None, "wall_seconds": None}
+                                     "tasks": tasks, "rounds": [], "final": None, "wall_seconds": None}
         self.listeners: list[Any] = []
 
     def attach(self, listener) -> None:

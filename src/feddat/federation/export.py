@@ -103,8 +103,7 @@ def client_export(setup, index: int, state: State, global_state: State | None) -
     worker = setup.worker
     method = worker.method
     client = setup.clients[index]
-    tensors = worker.export(state, global_state, len(client.answers), cfg.eval_frozen == "newest")
-    head_out = tensors["head.net.3.weight"].shape
+    tensors = worker.export(state, global_state, client.head_spec, cfg.eval_frozen == "newest")
     meta = {
         "format": FORMAT,
         "client": client.name,
@@ -115,7 +114,7 @@ def client_export(setup, index: int, state: State, global_state: State | None) -
         "backbone": backbone_record(cfg.model_path, worker.model.backbone),
         "adapters": {"names": list(method.adapters), "shared": method.shared, "reduction": cfg.reduction,
                      "bottleneck": worker.bottleneck, "dim": worker.dim, "layers": len(worker.model.slots)},
-        "head": {"dim": worker.dim, "hidden": int(head_out[1]), "n_answers": int(head_out[0])},
+        "head": {"task": client.task, "dim": worker.dim, "n_answers": len(client.answers)},
         "local": dataclasses.asdict(worker.local),
         "answers": list(client.answers),
         "run": {"benchmark": cfg.benchmark, "seed": cfg.seed, "rounds": cfg.rounds},

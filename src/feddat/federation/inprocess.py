@@ -145,7 +145,7 @@ def open_client_states(setup: Setup):
     cfg, clients = setup.cfg, setup.clients
     index = {c.name: i for i, c in enumerate(clients)}
     return open_states(cfg.to_dict(), cfg.client_state_dir, list(index), lambda name: setup.worker.initial_state(
-        index[name], len(clients[index[name]].answers), cfg.seed))
+        index[name], clients[index[name]].head_spec, cfg.seed))
 
 
 def finish_run(setup: Setup, history: History, states, global_state, out_dir: Path | None, t_start: float) -> dict:
@@ -200,7 +200,8 @@ def _rounds(setup: Setup, states, out_dir: Path | None, progress: bool, tracker,
     faults = parse_faults(cfg.fault_injection, names, cfg.rounds)
     torch.manual_seed(cfg.seed)
     global_state = worker.initial_global(cfg.seed)
-    history = History(cfg.to_dict(), names, {c.name: c.answers for c in clients})
+    history = History(cfg.to_dict(), names, {c.name: c.answers for c in clients},
+                      {c.name: c.describe() for c in clients})
     if (privacy := privacy_report(cfg)) is not None:
         history.data["privacy"] = privacy
     order_rng = np.random.default_rng(mix_seed(cfg.seed, 0x0DE))

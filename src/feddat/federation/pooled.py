@@ -24,7 +24,7 @@ from feddat.data.benchmarks import ClientData, Split
 from feddat.eval.results import History
 from feddat.federation.checkpoint import Checkpoint, save_checkpoint
 from feddat.federation.worker import lr_factor, mix_seed
-from feddat.models.vl import AnswerHead
+from feddat.models.vl import AnswerHead, make_head
 
 
 def raw_data_bytes(client: ClientData) -> int:
@@ -37,20 +37,21 @@ def raw_data_bytes(client: ClientData) -> int:
     return pixels + text + answers
 
 
-def pooled_batch(clients: list[ClientData], owners: np.ndarray, rows: np.ndarray, device) -> dict:
-    """One mini-batch of the pooled data: sample k is row `rows[k]` of client `owners[k]`'s training split,
-    the batch grouped by client (the order within a batch does not change its loss)."""
-    parts = []
+def pooled_batch(clients: list[ClientData], owners: np.ndarray, rows: np.ndarray, device) -> dict[int, dict]:
+    """One mini-batch of the pooled data, {client index: its part}: sample k is row `rows[k]` of client
+    `owners[k]`'s training split (parts stay apart: clients of different tasks have inputs of different
+    shapes)."""
+    parts = {}
     for c in sorted(set(owners.tolist())):
         split: Split = clients[c].train
-        parts.append(split.batch(torch.as_tensor(rows[owners == c]), device))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        parts[c] = split.batch(torch.as_tensor(rows[owners == c]), device)
+    return parts
 
 
 def _heads(worker, clients: list[ClientData], states) -> list[AnswerHead]:
     heads = []
     for c in clients:
-        head = AnswerHead(worker.dim, len(c.answers)).to(worker.device)
+        head = make_head(worker.dim, c.head_spec).to(worker.device)
         head.load_state_dict({k[5:]: v for k, v in states[c.name].items() if k.startswith("head.")})
         heads.append(head)
     return heads
@@ -67,7 +68,8 @@ def run_pooled(setup, states, out_dir: Path | None, progress: bool, tracker, t_s
     names = [c.name for c in clients]
     torch.manual_seed(cfg.seed)
     global_state = worker.initial_global(cfg.seed)
-    history = History(cfg.to_dict(), names, {c.name: c.answers for c in clients})
+    history = History(cfg.to_dict(), names, {c.name: c.answers for c in clients},
+                      {c.name: c.describe() for c in clients})
     history.data["communication"] = {
         "kind": "not applicable: a centralised reference pools every client's raw training data once",
         "raw_data_bytes": {c.name: raw_data_bytes(c) for c in clients}}
@@ -98,9 +100,8 @@ def run_pooled(setup, states, out_dir: Path | None, progress: bool, tracker, t_s
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * lr_factor((r + step / steps_per_round) / cfg.rounds, cfg.warmup)
                 idx = perm[start:start + local.batch_size]
-                batch = pooled_batch(clients, owners[idx], rows[idx], worker.device)
-                batch_owners = torch.as_tensor(np.sort(owners[idx]), device=worker.device)
-                losses.append(method.pooled_step(worker.model, heads, batch, batch_owners, opt)["loss"])
+                parts = pooled_batch(clients, owners[idx], rows[idx], worker.device)
+                losses.append(method.pooled_step(worker.model, heads, parts, opt)["loss"])
                 step += 1
                 bar.update(1)
         global_state = {k: v.detach().cpu() for k, v in method.shared_state(worker.model).items()}

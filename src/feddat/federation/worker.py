@@ -18,7 +18,7 @@ from feddat.algorithms.base import LocalConfig, Method
 from feddat.algorithms.losses import scores
 from feddat.data.benchmarks import ClientData, Split
 from feddat.models.adapters import BottleneckAdapter
-from feddat.models.vl import AnswerHead, adapt_backbone, pooled_features
+from feddat.models.vl import AnswerHead, HeadSpec, adapt_backbone, make_head, pooled_features
 
 State = dict[str, torch.Tensor]
 
@@ -80,7 +80,7 @@ class Worker:
         return {k: v.detach().cpu().clone() for k, v in
                 self.method.initial_shared_state(self.model, mix_seed(seed, 0xA11)).items()}
 
-    def initial_state(self, client_index: int, n_answers: int, seed: int) -> State:
+    def initial_state(self, client_index: int, spec: HeadSpec | int, seed: int) -> State:
         state: State = {}
         for name in self.method.adapters:
             if name == self.method.shared:
@@ -89,13 +89,13 @@ class Worker:
                 state[f"adapter.{name}.{k}"] = v
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(seed, client_index, 0x4EAD))
-            head = AnswerHead(self.dim, n_answers)
+            head = make_head(self.dim, spec)
         for k, v in head.state_dict().items():
             state[f"head.{k}"] = v.clone()
         state.update(self.method.initial_private_state(self.local))
         return state
 
-    def _load(self, state: State, global_state: State | None, n_answers: int) -> AnswerHead:
+    def _load(self, state: State, global_state: State | None, spec: HeadSpec | int) -> AnswerHead:
         for name in self.method.adapters:
             if name == self.method.shared:
                 continue
@@ -104,7 +104,7 @@ class Worker:
         if self.method.shared and global_state is not None:
             self.method.load_shared_state(self.model, global_state)
         self.method.load_private_state(self.model, state)
-        head = AnswerHead(self.dim, n_answers).to(self.device)
+        head = make_head(self.dim, spec).to(self.device)
         head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
         return head
 
@@ -123,7 +123,7 @@ class Worker:
     def fit(self, data: ClientData, state: State, global_state: State | None, round_idx: int, total_rounds: int,
             seed: int, client_index: int, progress=None) -> FitResult:
         method, cfg = self.method, self.local
-        head = self._load(state, global_state, len(data.answers))
+        head = self._load(state, global_state, data.head_spec)
         method.begin_round(self.model)
         head.train()
         opt = torch.optim.AdamW(method.param_groups(self.model, head, cfg), betas=(0.9, 0.98), eps=1e-8,
@@ -157,22 +157,22 @@ class Worker:
         return self.method.local_epochs(self.local) * -(-n_train // self.local.batch_size)
 
     # ----- scoring and prediction -----
-    def prepare_eval(self, state: State, global_state: State | None, n_answers: int,
+    def prepare_eval(self, state: State, global_state: State | None, spec: HeadSpec | int,
                      newest_global: bool = True) -> AnswerHead:
         """Load a client's model as it is scored: its state, the global adapter and the method's eval-time
         preparation (FedDAT's frozen copy); returns the head in eval mode."""
-        head = self._load(state, global_state, n_answers)
+        head = self._load(state, global_state, spec)
         head.eval()
         self.method.prepare_eval(self.model, newest_global)
         return head
 
     @torch.no_grad()
-    def export(self, state: State, global_state: State | None, n_answers: int, newest_global: bool = True) -> State:
+    def export(self, state: State, global_state: State | None, spec: HeadSpec | int, newest_global: bool = True) -> State:
         """The client's personalised model as scored: every named adapter (`adapter.<name>.<layer>.<param>`,
         the global one and FedDAT's frozen copy as prepared for evaluation), shared tensors that are not an
         adapter (`<shared>.<key>`, e.g. `lora.<key>`), the method's further private tensors and the head
         (`head.<param>`)."""
-        head = self.prepare_eval(state, global_state, n_answers, newest_global)
+        head = self.prepare_eval(state, global_state, spec, newest_global)
         method = self.method
         out: State = {}
         for name in method.adapters:
@@ -187,8 +187,8 @@ class Worker:
             out[f"head.{k}"] = v.detach().cpu().contiguous().clone()
         return out
 
-    def export_shapes(self, n_answers: int) -> dict[str, tuple[int, ...]]:
-        """The keys and shapes of `export` for a client with `n_answers` answers."""
+    def export_shapes(self, spec: HeadSpec | int) -> dict[str, tuple[int, ...]]:
+        """The keys and shapes of `export` for a client whose head is `spec` (a HeadSpec, or a count of answers)."""
         method = self.method
         shapes = {f"adapter.{n}.{k}": tuple(v.shape) for n in method.adapters
                   for k, v in self.model.adapter_state(n).items()}
@@ -197,7 +197,7 @@ class Worker:
                            for k, v in method.shared_state(self.model).items()})
         shapes.update({k: tuple(v.shape) for k, v in method.initial_private_state(self.local).items()})
         with torch.random.fork_rng(devices=[]):  # a template head: leave the caller's random stream alone
-            head = AnswerHead(self.dim, n_answers)
+            head = make_head(self.dim, spec)
         shapes.update({f"head.{k}": tuple(v.shape) for k, v in head.state_dict().items()})
         return shapes
 
@@ -206,7 +206,7 @@ class Worker:
                  views: tuple[str, ...] | None = None, newest_global: bool = True,
                  batch_size: int = 256) -> dict[str, dict]:
         """{view: {"score": mean, "scores": per-item tensor, "predictions": per-item answer index}}."""
-        head = self.prepare_eval(state, global_state, len(data.answers), newest_global)
+        head = self.prepare_eval(state, global_state, data.head_spec, newest_global)
         views = views or (self.method.predict_view,)
         part: Split = getattr(data, split)
         out = {}

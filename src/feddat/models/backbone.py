@@ -244,9 +244,9 @@ def load_backbone(path: str | Path | None = None, device: str | torch.device = "
         raise FedDATError(f"could not load a ViLT backbone from {source} (missing or mis-shaped weights for its "
                           f"config.json?): {first}") from e
     if _is_word_level(tokenizer):
-        from feddat.data.questions import EXTRA_WORDS, WORDS
+        from feddat.data.questions import EXTRA_WORDS, TASK_WORDS, WORDS
 
-        tokenizer = extend_word_vocabulary(model, tokenizer, list(WORDS) + list(EXTRA_WORDS))
+        tokenizer = extend_word_vocabulary(model, tokenizer, list(WORDS) + list(EXTRA_WORDS) + list(TASK_WORDS))
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

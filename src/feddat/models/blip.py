@@ -371,9 +371,10 @@ def load_blip(path: str | Path, device: str | torch.device = "cpu"):
     from feddat.models.backbone import _is_word_level, extend_word_vocabulary
 
     if _is_word_level(tokenizer):
-        from feddat.data.questions import EXTRA_WORDS, WORDS
+        from feddat.data.questions import EXTRA_WORDS, TASK_WORDS, WORDS
 
-        tokenizer = extend_word_vocabulary(model.text_model, tokenizer, list(WORDS) + list(EXTRA_WORDS))
+        tokenizer = extend_word_vocabulary(model.text_model, tokenizer,
+                                           list(WORDS) + list(EXTRA_WORDS) + list(TASK_WORDS))
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

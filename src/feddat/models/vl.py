@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -10,14 +12,71 @@ from feddat.models.backbone import backbone_family, encode, encode_from, encode_
 
 
 class AnswerHead(nn.Module):
-    """Linear(d, 2d) -> LayerNorm -> GELU -> Linear(2d, answers), the VQA head of the authors' code."""
+    """Linear(d, 2d) -> LayerNorm -> GELU -> Linear(2d, answers), the VQA head of the authors' code. With
+    `inputs=2` (image pairs, as ViLT's NLVR2 classifier) it reads the two pooled vectors concatenated:
+    Linear(2d, 2d) first."""
 
-    def __init__(self, dim: int, n_answers: int):
+    def __init__(self, dim: int, n_answers: int, inputs: int = 1):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, 2 * dim), nn.LayerNorm(2 * dim), nn.GELU(), nn.Linear(2 * dim, n_answers))
+        self.net = nn.Sequential(nn.Linear(inputs * dim, 2 * dim), nn.LayerNorm(2 * dim), nn.GELU(),
+                                 nn.Linear(2 * dim, n_answers))
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.net(pooled)
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, d), or (B, inputs, d)
+        return self.net(pooled.flatten(1))
+
+
+class ChoiceHead(nn.Module):
+    """Multiple choice (VCR-style): Dropout(0.1) -> Linear(d, 1) per candidate; the candidates' scores are the
+    logits over the choice."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Dropout(0.1), nn.Linear(dim, 1))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, k, d)
+        return self.net(pooled).squeeze(-1)
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a client's head predicts: its task kind (feddat.data.pool.TASKS) and its number of answers."""
+
+    task: str
+    n_answers: int
+
+
+def make_head(dim: int, spec: "HeadSpec | int") -> nn.Module:
+    """The head of a client's task; a bare int is a VQA head with that many answers."""
+    if isinstance(spec, int):
+        spec = HeadSpec("vqa", spec)
+    if spec.task == "pair":
+        return AnswerHead(dim, spec.n_answers, inputs=2)
+    if spec.task == "choice":
+        return ChoiceHead(dim)
+    if spec.task in ("vqa", "entailment"):
+        return AnswerHead(dim, spec.n_answers)
+    raise ValueError(f"unknown task {spec.task!r}")
+
+
+def ungroup(batch: dict) -> tuple[dict, int | None]:
+    """A batch of image pairs (pixel_values (B, 2, 3, H, W)) or of candidate texts (input_ids (B, k, L)) as a
+    flat batch of B*k (image, text) inputs, and k (None for a plain batch)."""
+    ids, mask, px = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    if ids.dim() == 3:
+        k = ids.shape[1]
+        px = px.repeat_interleave(k, 0)
+        ids, mask = ids.flatten(0, 1), mask.flatten(0, 1)
+    elif px.dim() == 5:
+        k = px.shape[1]
+        px = px.flatten(0, 1)
+        ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+    else:
+        return batch, None
+    return {**batch, "input_ids": ids, "attention_mask": mask, "pixel_values": px}, k
+
+
+def _regroup(features: torch.Tensor, k: int | None) -> torch.Tensor:
+    return features if k is None else features.unflatten(0, (-1, k))
 
 
 def adapt_vilt(backbone, names: tuple[str, ...], reduction: int) -> AdaptedModel:
@@ -41,12 +100,15 @@ def adapt_backbone(backbone, names: tuple[str, ...], reduction: int) -> AdaptedM
 
 
 def pooled_features(model: AdaptedModel, batch: dict) -> torch.Tensor:
-    """The pooled [CLS] vector under the model's current view (for BLIP: the text encoder's [CLS] position)."""
+    """The pooled [CLS] vector under the model's current view (for BLIP: the text encoder's [CLS] position):
+    (B, d), or (B, k, d) for a batch of image pairs or candidate texts (`ungroup`)."""
+    batch, k = ungroup(batch)
     if backbone_family(model.backbone) == "blip":
         from feddat.models import blip
 
-        return blip.encode(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1]
-    return encode(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1]
+        return _regroup(blip.encode(model.backbone, batch["input_ids"], batch["attention_mask"],
+                                    batch["pixel_values"])[1], k)
+    return _regroup(encode(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1], k)
 
 
 def pooled_features_of_views(model: AdaptedModel, batch: dict, views: tuple[str, ...],
@@ -61,10 +123,16 @@ def pooled_features_of_views(model: AdaptedModel, batch: dict, views: tuple[str,
     For BLIP the shared part is the image embeddings, the first image layer up to its FFN output, and the text
     embeddings (`feddat.models.blip.pooled_features_of_views`).
     """
+    batch, k = ungroup(batch)
     if backbone_family(model.backbone) == "blip":
         from feddat.models import blip
 
-        return blip.pooled_features_of_views(model, batch, views, stacked)
+        return [_regroup(f, k) for f in blip.pooled_features_of_views(model, batch, views, stacked)]
+    return [_regroup(f, k) for f in _vilt_features_of_views(model, batch, views, stacked)]
+
+
+def _vilt_features_of_views(model: AdaptedModel, batch: dict, views: tuple[str, ...],
+                            stacked: bool) -> list[torch.Tensor]:
     model.set_view("none")
     call = encode_until(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], 1)
     if stacked:
