@@ -214,3 +214,11 @@ def test_predict_cli_takes_pair_and_candidate_fields(task_run, tmp_path, capsys)
                  "--output", str(tmp_path / "out.jsonl"), "--quiet"]) == 0
     out = json.loads((tmp_path / "out.jsonl").read_text())
     assert sorted(out["answers"]) == ["false", "true"]
+
+
+def test_task_benchmark_refuses_partitioning(tmp_path):
+    from feddat.data.benchmarks import Sizes
+    from feddat.data.partition import Partition
+
+    with pytest.raises(FedDATError, match="cannot be partitioned"):
+        client_records("task", 0, Sizes(8, 4, 8), tmp_path, Partition("iid", 4))

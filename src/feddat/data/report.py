@@ -137,14 +137,32 @@ def sample_sheet(r: Records, n: int = SAMPLES) -> Image.Image:
     return sheet
 
 
+def benchmark_sheet(records: dict[str, dict[str, Records]], per_client: int = COLUMNS) -> Image.Image:
+    """One sheet for a whole benchmark: a row of `per_client` test samples per client, named on the left."""
+    font = ImageFont.load_default()
+    rows = [(name, sample_sheet(splits["test"], per_client)) for name, splits in records.items()]
+    label_w = 90
+    sheet = Image.new("RGB", (label_w + max(r.width for _, r in rows), sum(r.height for _, r in rows)),
+                      (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    y = 0
+    for name, row in rows:
+        sheet.paste(row, (label_w, y))
+        draw.text((6, y + row.height // 2 - 6), name, fill=(0, 0, 0), font=font)
+        y += row.height
+    return sheet
+
+
 def write_report(benchmark: str, out_dir: Path, seed: int = 0, sizes: Sizes = Sizes(),
                  cache_dir: Path | None = None) -> dict:
-    """DIR/samples_<client>.png and DIR/stats.json for a benchmark; returns the stats."""
+    """DIR/samples_<client>.png, DIR/samples.png (a few of every client's) and DIR/stats.json for a benchmark;
+    returns the stats."""
     records = client_records(benchmark, seed, sizes, cache_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, splits in records.items():
         sample_sheet(splits["test"]).save(out_dir / f"samples_{name}.png", optimize=True)
+    benchmark_sheet(records).save(out_dir / "samples.png", optimize=True)
     stats = {"benchmark": benchmark, "seed": seed, **benchmark_stats(records)}
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats
