@@ -281,3 +281,18 @@ def test_compare_cli_writes_the_table(base, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[1/1] head-only seed 0: running" in out and "| head-only |" in out
     assert all((tmp_path / "c" / f).exists() for f in ("table.md", "table.json", "compare.png"))
+
+
+@pytest.mark.integration
+def test_parallel_jobs_give_the_sequential_table(base, compared, tmp_path):
+    """--jobs 2 runs in two processes; the runs are the same as one at a time (deterministic per seed), and a
+    refused method still gets its row."""
+    out, table = compared
+    lines = []
+    again = run_comparison(base, ["fedavg-adapter", "head-only", "centralised-adapter"], [0, 1], tmp_path,
+                           progress=False, log=lines.append, jobs=2)
+    for m in ("fedavg-adapter", "head-only", "centralised-adapter"):
+        assert again["methods"][m]["avg_score_per_seed"] == table["methods"][m]["avg_score_per_seed"]
+    assert lines[0] == "6 runs to do, 2 at a time" and sum(": " in x and "(ran," in x for x in lines) == 6
+    with pytest.raises(FedDATError, match="jobs must be a positive integer"):
+        run_comparison(base, ["head-only"], [0], tmp_path, jobs=0)

@@ -299,7 +299,7 @@ def cmd_compare(args) -> int:
     base = _comparison_base(args, "compare")
     methods, seeds, out = resolve_methods(args.methods), parse_seeds(args.seeds), Path(args.out)
     print(f"comparing {len(methods)} methods over seeds {args.seeds} on {base.benchmark} in {out}")
-    run_comparison(base, methods, seeds, out, progress=not args.quiet)
+    run_comparison(base, methods, seeds, out, progress=not args.quiet, jobs=args.jobs)
     print("\n" + (out / "table.md").read_text())
     print(f"wrote {out / 'table.md'}, {out / 'table.json'} and {out / 'compare.png'}")
     return 0
@@ -441,6 +441,8 @@ def parser() -> argparse.ArgumentParser:
                      "and compare.png")
     cmp.add_argument("--config", help="JSON file of config values shared by every run (flags win)")
     cmp.add_argument("--quiet", action="store_true", help="no progress bars (the per-run lines stay)")
+    cmp.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process with cores/jobs "
+                     "threads (default: 1)")
     _add_run_options(cmp)
     cmp.set_defaults(func=cmd_compare)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import fields, replace
 from pathlib import Path
@@ -149,52 +150,101 @@ def run_one(cfg: RunConfig, run_dir: Path, progress: bool, runner: Runner) -> tu
 
 
 def run_comparison(base: RunConfig, methods: list[str], seeds: list[int], out: Path, progress: bool = True,
-                   log: Callable[[str], None] = print, runner: Runner | None = None) -> dict:
+                   log: Callable[[str], None] = print, runner: Runner | None = None, jobs: int = 1) -> dict:
     """Run (or reuse, or resume) every method for every seed under `out`; write table.json, table.md and
-    compare.png there; return the table."""
+    compare.png there; return the table. With `jobs` > 1 that many runs go at once, each in its own process
+    (no progress bars; a line per finished run), each with threads = cores / jobs unless `base` sets threads."""
     runner = runner or _default_runner
+    if not isinstance(jobs, int) or jobs < 1:
+        raise FedDATError(f"--jobs must be a positive integer, got {jobs!r}")
     out = Path(out)
     plan = [(m, s) for m in methods for s in seeds]
-    to_do = sum(not (out / m / f"seed{s}" / "results.json").exists() for m, s in plan)
-    runs: dict[str, list[dict]] = {}
+    finished = lambda m, s: (out / m / f"seed{s}" / "results.json").exists()
     unavailable: dict[str, str] = {}
-    took: list[float] = []
-    for k, (method, seed) in enumerate(plan, 1):
-        head = f"[{k}/{len(plan)}] {method} seed {seed}"
+    configs: dict[tuple[str, int], RunConfig] = {}
+    for method, seed in plan:
         if method in unavailable:
             continue
         try:
             cfg = replace(base, method=method, seed=seed).validate()
         except FedDATError as e:
             unavailable[method] = str(e)
-            log(f"{head}: cannot run: {e}")
-            to_do -= sum(1 for m, s in plan[k - 1:] if m == method
-                         and not (out / m / f"seed{s}" / "results.json").exists())
+            log(f"{method}: cannot run: {e}")
             continue
-        run_dir = out / method / f"seed{seed}"
-        fresh = not (run_dir / "results.json").exists()
+        if jobs > 1 and base.threads == 0:
+            cfg = replace(cfg, threads=max(1, (os.cpu_count() or 1) // jobs))
+        configs[(method, seed)] = cfg
+    work = [key for key in plan if key in configs]
+    to_do = sum(not finished(*key) for key in work)
+    took: list[float] = []
+    results: dict[tuple[str, int], dict] = {}
+
+    def record(k: int, key: tuple[str, int], outcome, seconds: float, fresh: bool) -> None:
+        nonlocal to_do
+        method, seed = key
+        head = f"[{k}/{len(work)}] {method} seed {seed}"
+        if isinstance(outcome, CannotRun):
+            unavailable[method] = str(outcome)
+            log(f"{head}: cannot run: {outcome}")
+            to_do -= fresh + sum(1 for m, s in work if m == method and (m, s) not in results and (m, s) != key
+                                 and not finished(m, s))
+            return
+        result, how = outcome
         if fresh:
-            eta = f", ETA {_hms(sum(took) / len(took) * to_do)} for {to_do} runs left" if took else ""
-            log(f"{head}: running{eta}")
-        t0 = time.time()
-        try:
-            result, how = run_one(cfg, run_dir, progress, runner)
-        except CannotRun as e:
-            unavailable[method] = str(e)
-            runs.pop(method, None)
-            log(f"{head}: cannot run: {e}")
-            to_do -= fresh + sum(1 for m, s in plan[k:] if m == method
-                                 and not (out / m / f"seed{s}" / "results.json").exists())
-            continue
-        if fresh:
-            took.append(time.time() - t0)
+            took.append(seconds)
             to_do -= 1
+        results[key] = result
+        eta = f"; ETA {_hms(sum(took) / len(took) * to_do / jobs)} for {to_do} runs left" if took and to_do else ""
         log(f"{head}: {result['final']['avg_score']:.4f}" + (" (finished earlier)" if how == "reused" else
-                                                             f" ({how}, {time.time() - t0:.0f} s)"))
-        runs.setdefault(method, []).append(result)
+                                                             f" ({how}, {seconds:.0f} s{eta})"))
+
+    if jobs == 1:
+        for k, key in enumerate(work, 1):
+            if key[0] in unavailable:
+                continue
+            run_dir = out / key[0] / f"seed{key[1]}"
+            fresh = not finished(*key)
+            if fresh:
+                eta = f", ETA {_hms(sum(took) / len(took) * to_do)} for {to_do} runs left" if took else ""
+                log(f"[{k}/{len(work)}] {key[0]} seed {key[1]}: running{eta}")
+            t0 = time.time()
+            try:
+                outcome = run_one(configs[key], run_dir, progress, runner)
+            except CannotRun as e:
+                outcome = e
+            record(k, key, outcome, time.time() - t0, fresh)
+    else:
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from multiprocessing import get_context
+
+        log(f"{to_do} runs to do, {jobs} at a time")
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_timed_run, configs[key], out / key[0] / f"seed{key[1]}", runner): key
+                       for key in work}
+            for k, future in enumerate(as_completed(futures), 1):
+                key = futures[future]
+                fresh, seconds, outcome = future.result()
+                if key[0] in unavailable and not isinstance(outcome, CannotRun):
+                    continue
+                record(k, key, outcome, seconds, fresh)
+    runs: dict[str, list[dict]] = {}
+    for key in work:  # in the plan's order, whatever order they finished in
+        if key in results and key[0] not in unavailable:
+            runs.setdefault(key[0], []).append(results[key])
     table = summarise(runs, unavailable, methods, base)
     write_table(table, out)
     return table
+
+
+def _timed_run(cfg: RunConfig, run_dir: Path, runner: Runner):
+    """(fresh, seconds, (result, how) or the CannotRun) of one run, for a worker process."""
+    fresh = not (run_dir / "results.json").exists()
+    t0 = time.time()
+    try:
+        outcome = run_one(cfg, run_dir, False, runner)
+    except CannotRun as e:
+        outcome = e
+    return fresh, time.time() - t0, outcome
 
 
 # ----- the table -----
