@@ -222,3 +222,15 @@ def test_task_benchmark_refuses_partitioning(tmp_path):
 
     with pytest.raises(FedDATError, match="cannot be partitioned"):
         client_records("task", 0, Sizes(8, 4, 8), tmp_path, Partition("iid", 4))
+
+
+def test_partitioning_keeps_the_annotators_answers():
+    from feddat.data.benchmarks import Sizes
+    from feddat.data.partition import partition_records, Partition
+
+    recs = client_records("task", 0, Sizes(30, 10, 30))
+    parts = partition_records({"a": recs["vqa"], "b": recs["vqa"]}, Partition("iid", 3), 0, Sizes(30, 10, 30))
+    for splits in parts.values():
+        for r in splits.values():
+            assert len(r.annotator_answers) == len(r) and all(len(a) == 10 for a in r.annotator_answers)
+            assert all(consensus(a) == ans for a, ans in zip(r.annotator_answers, r.answers))

@@ -225,9 +225,9 @@ def client_records(benchmark: str, seed: int, sizes: Sizes, cache_dir: Path | No
     from feddat.data.partition import partition_records
 
     tasks = {r.task for splits in recs.values() for r in splits.values()}
-    if tasks != {"vqa"} or any(r.annotator_answers for splits in recs.values() for r in splits.values()):
-        raise FedDATError(f"benchmark {benchmark} cannot be partitioned: its clients' records are not all single-"
-                          f"answer VQA ({', '.join(sorted(tasks))}); use --partition natural")
+    if tasks != {"vqa"}:
+        raise FedDATError(f"benchmark {benchmark} cannot be partitioned: its clients' records are not all VQA "
+                          f"({', '.join(sorted(tasks))}); use --partition natural")
     key = _cache_key(benchmark, BENCHMARKS[benchmark](), seed, sizes)
     return partition_records(recs, partition, seed, sizes, cache_dir, key)
 

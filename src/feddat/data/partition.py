@@ -65,7 +65,10 @@ def pool_records(per_client: dict[str, dict[str, Records]]) -> tuple[Records, li
         np.concatenate([r.patch_shapes for _, r in parts]),
         np.concatenate([r.image_index + off for (_, r), off in zip(parts, offsets)]).astype(np.int64),
         *([x for _, r in parts for x in getattr(r, field)]
-          for field in ("questions", "answers", "qtypes", "shifted", "synonym")))
+          for field in ("questions", "answers", "qtypes", "shifted", "synonym")),
+        annotator_answers=[x for _, r in parts for x in r.annotator_answers]
+        if all(r.annotator_answers for _, r in parts) else None,
+        ids=[x for _, r in parts for x in r.ids] if all(r.ids for _, r in parts) else [])
     sources = [name for name, r in parts for _ in range(len(r))]
     return pooled, sources
 
@@ -129,7 +132,9 @@ def subset(rec: Records, idx: np.ndarray) -> Records:
     return Records(rec.images[images], rec.patch_colors[images], rec.patch_shapes[images],
                    np.searchsorted(images, rec.image_index[idx]).astype(np.int64),
                    *([getattr(rec, f)[i] for i in idx.tolist()]
-                     for f in ("questions", "answers", "qtypes", "shifted", "synonym")))
+                     for f in ("questions", "answers", "qtypes", "shifted", "synonym")),
+                   annotator_answers=[rec.annotator_answers[i] for i in idx.tolist()] if rec.annotator_answers else None,
+                   ids=[rec.ids[i] for i in idx.tolist()] if rec.ids else [])
 
 
 def _cache_path(cache_dir: Path | None, key: dict) -> Path | None:
