@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import fields
@@ -345,11 +346,38 @@ def cmd_data(args) -> int:
 
     sizes = Sizes(args.train_per_client, args.val_per_client, args.test_per_client)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    stats = write_report(args.benchmark, Path(args.out), args.seed, sizes, cache)
-    print(f"benchmark {args.benchmark}, seed {args.seed}\n")
+    records, written = None, []
+    if args.data_dir:  # the paper's benchmark over the real datasets in --data-dir (docs/datasets.md)
+        from feddat.data.real import load_real_splits, write_records
+
+        with _log_to_stderr():
+            splits = load_real_splits(args.benchmark, Path(args.data_dir), args.seed, sizes, args.image_size,
+                                      skip_bad=args.skip_bad_records)
+        records = {c: {s: v.records for s, v in per.items()} for c, per in splits.items()}
+        written = write_records(splits, Path(args.out))
+    stats = write_report(args.benchmark, Path(args.out), args.seed, sizes, cache, records=records)
+    print(f"benchmark {args.benchmark}, seed {args.seed}" + (f", data {args.data_dir}" if args.data_dir else "") + "\n")
     print(stats_table(stats))
-    print(f"\nwrote {Path(args.out) / 'stats.json'} and samples_<client>.png for {len(stats['clients'])} clients")
+    print(f"\nwrote {Path(args.out) / 'stats.json'} and samples_<client>.png for {len(stats['clients'])} clients"
+          + (f", and {len(written)} files under {Path(args.out) / 'records'}" if written else ""))
     return 0
+
+
+@contextlib.contextmanager
+def _log_to_stderr():
+    """feddat's info messages (records kept, dropped, skipped) on stderr while the block runs."""
+    import logging
+
+    logger = logging.getLogger("feddat")
+    handler, level = logging.StreamHandler(), logger.level
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def cmd_deploy(args) -> int:
@@ -431,6 +459,13 @@ def parser() -> argparse.ArgumentParser:
         data.add_argument(f"--{split}-per-client", dest=f"{split}_per_client", type=int,
                           default=getattr(Sizes(), split), help=f"(default: {getattr(Sizes(), split)})")
     data.add_argument("--cache-dir", dest="cache_dir", help="benchmark cache (default: ~/.cache/feddat)")
+    data.add_argument("--data-dir", dest="data_dir", help="read the benchmark's real datasets from this directory "
+                      "(layout: docs/datasets.md) instead of generating it; also writes records/<client>/<split>.jsonl")
+    data.add_argument("--skip-bad-records", dest="skip_bad_records", action="store_true",
+                      help="with --data-dir: skip (and count) malformed records and unreadable images instead of "
+                      "stopping at the first")
+    data.add_argument("--image-size", dest="image_size", type=int, default=48,
+                      help="with --data-dir: the side images are resized to (default: 48)")
     data.set_defaults(func=cmd_data)
 
     cmp = sub.add_parser("compare", help="run several methods over several seeds and tabulate them (mean ± std "

@@ -112,7 +112,7 @@ def _wrap(text: str, width: int) -> list[str]:
 def sample_sheet(r: Records, n: int = SAMPLES) -> Image.Image:
     """The first `n` test records of a client: image, question and answer, in a grid."""
     font = ImageFont.load_default()
-    side = r.images.shape[1] * SCALE
+    side = min(r.images.shape[1], 48) * SCALE  # real datasets' larger images are drawn at the same size
     line_h = 11
     cell_w, cell_h = side + 16, side + 8 + TEXT_ROWS * line_h
     n = min(n, len(r))
@@ -154,10 +154,11 @@ def benchmark_sheet(records: dict[str, dict[str, Records]], per_client: int = CO
 
 
 def write_report(benchmark: str, out_dir: Path, seed: int = 0, sizes: Sizes = Sizes(),
-                 cache_dir: Path | None = None) -> dict:
-    """DIR/samples_<client>.png, DIR/samples.png (a few of every client's) and DIR/stats.json for a benchmark;
-    returns the stats."""
-    records = client_records(benchmark, seed, sizes, cache_dir)
+                 cache_dir: Path | None = None, records: dict[str, dict[str, Records]] | None = None) -> dict:
+    """DIR/samples_<client>.png, DIR/samples.png (a few of every client's) and DIR/stats.json for a benchmark
+    (of `records` where given, e.g. read from the real datasets by feddat.data.real); returns the stats."""
+    if records is None:
+        records = client_records(benchmark, seed, sizes, cache_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, splits in records.items():
