@@ -2,7 +2,7 @@
 
     python bench/step_cost.py                                             # small backbone, CPU, 1-2 minutes
     python bench/step_cost.py --size base --batch-size 2 --repeats 6 --warmup 1   # ViLT-B/32, CPU, ~5 minutes
-    python bench/step_cost.py --size base --device cuda --batch-size 32 --amp --compile
+    python bench/step_cost.py --size base --device cuda --batch-size 32 --precision bf16 --compile
     python bench/step_cost.py --backbone blip                             # the small BLIP (dual-stream)
 
 Steps compared, on the same batches and the same backbone architecture (random weights, its own copy each):
@@ -37,7 +37,6 @@ import os
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -48,9 +47,10 @@ from feddat.algorithms.base import LocalConfig, Method
 from feddat.algorithms.baselines import FedAvgAdapter
 from feddat.algorithms.feddat import FedDAT
 from feddat.algorithms.losses import kd_loss, task_loss
+from feddat.config import PRECISIONS
 from feddat.federation.worker import Worker
 from feddat.models.backbone import BACKBONES, SIZES, backbone_family, encode, random_backbone, vilt_config
-from feddat.models.vl import AnswerHead, pooled_features
+from feddat.models.vl import AnswerHead, compile_layers, pooled_features
 
 MODES = ("fedavg-adapter", "feddat", "feddat-fused", "feddat-3fwd", "full-finetune")
 REFERENCE = "fedavg-adapter"
@@ -99,9 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="samples per step (default: 32)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads; 0 = torch's default "
                    "(default: 1, steadier on a shared machine)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast around every step (meant for GPUs)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every encoder layer of every backbone "
-                   "(compiles during warm-up: give --warmup 3 or more)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, or bf16: the forward passes under "
+                   "torch.autocast(bfloat16), as `feddat run --precision bf16` trains (meant for GPUs) (default: fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every encoder layer of every backbone, as "
+                   "`feddat run --compile true` does (compiles during warm-up: give --warmup 3 or more)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first (default: 3)")
     p.add_argument("--repeats", type=int, default=48, help="interleaved timing rounds (default: 48)")
@@ -154,17 +155,6 @@ def backbone_shape(args):
     return vilt_config(args.size)
 
 
-def compile_layers(backbone) -> None:
-    """torch.compile each encoder layer (with its adapter hook) in place: FedDAT runs the layers after the
-    first one itself, so compiling the whole model would leave them eager."""
-    if backbone_family(backbone) == "blip":
-        layers = [*backbone.vision_model.encoder.layers, *backbone.text_model.encoder.layer]
-    else:
-        layers = backbone.encoder.layer
-    for layer in layers:
-        layer.compile()
-
-
 def plain_pooled(backbone, batch: dict) -> torch.Tensor:
     """The pooled output of a backbone without adapters."""
     if backbone_family(backbone) == "blip":
@@ -175,12 +165,10 @@ def plain_pooled(backbone, batch: dict) -> torch.Tensor:
 
 
 def adapter_contender(name: str, method: Method, fused: bool, args, device) -> Contender:
-    """The method's own local step, on a Worker's model as in training."""
-    local = LocalConfig(batch_size=args.batch_size, fused=fused)
+    """The method's own local step, on a Worker's model as in training (its precision and compilation too)."""
+    local = LocalConfig(batch_size=args.batch_size, fused=fused, precision=args.precision, compile=args.compile)
     backbone = random_backbone(args.size, device, seed=args.seed, family=args.backbone)
     worker = Worker(method, backbone, args.reduction, local, device)
-    if args.compile:
-        compile_layers(backbone)
     head = AnswerHead(backbone.config.hidden_size, args.answers).to(device).train()
     opt = torch.optim.AdamW(method.param_groups(worker.model, head, local), betas=(0.9, 0.98), eps=1e-8,
                             weight_decay=local.weight_decay)
@@ -202,8 +190,9 @@ def full_finetune_contender(args, device) -> Contender:
                             betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
 
     def step(batch: dict) -> dict:
-        pooled = plain_pooled(backbone, batch)
-        loss = task_loss(head(pooled), batch["labels"])
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            pooled = plain_pooled(backbone, batch)
+        loss = task_loss(head(pooled.float()), batch["labels"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -227,14 +216,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(contenders: list[Contender], batches: list[dict], args, device,
-               autocast) -> dict[str, dict[str, list[float]]]:
+def time_steps(contenders: list[Contender], batches: list[dict], args, device) -> dict[str, dict[str, list[float]]]:
     """Seconds per sample of each contender in each round, by wall clock and by this process's CPU time;
     warm-up first, then rounds in rotating order."""
     for c in contenders:
         for i in range(args.warmup):
-            with autocast():
-                c.step(batches[i % len(batches)])
+            c.step(batches[i % len(batches)])
     synchronize(device)
     seconds = {clock: {c.name: [] for c in contenders} for clock in ("wall", "cpu")}
     samples = args.steps * args.batch_size
@@ -244,8 +231,7 @@ def time_steps(contenders: list[Contender], batches: list[dict], args, device,
             synchronize(device)
             wall, cpu = time.perf_counter(), time.process_time()
             for i in range(args.steps):
-                with autocast():
-                    c.step(batches[(r * args.steps + i) % len(batches)])
+                c.step(batches[(r * args.steps + i) % len(batches)])
             synchronize(device)
             seconds["wall"][c.name].append((time.perf_counter() - wall) / samples)
             seconds["cpu"][c.name].append((time.process_time() - cpu) / samples)
@@ -297,13 +283,12 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
 
 
-def measure_memory(c: Contender, batch: dict, device, autocast) -> dict:
+def measure_memory(c: Contender, batch: dict, device) -> dict:
     c.optimizer.zero_grad(set_to_none=True)
     gc.collect()
 
     def run():
-        with autocast():
-            c.step(batch)
+        c.step(batch)
 
     out = {"optimizer_state_mib": state_bytes(c.optimizer) / 2**20}
     if device.type == "cuda":
@@ -359,7 +344,7 @@ def markdown(result: dict) -> str:
     modes, other = result["modes"][clock], result["modes"]["wall" if clock == "cpu" else "cpu"]
     names = {"cpu": "process CPU time", "wall": "wall clock"}
     lines = [f"Step cost, {s['size']} {s.get('backbone', 'vilt')} backbone, {s['device']}, batch {s['batch_size']}, threads {s['threads']}, "
-             f"amp {s['amp']}, compile {s['compile']}; {s['repeats']} interleaved rounds of {s['steps']} step(s), "
+             f"precision {s['precision']}, compile {s['compile']}; {s['repeats']} interleaved rounds of {s['steps']} step(s), "
              f"{s['warmup']} warm-up steps; load average {s['load_before'][0]:.2f} before, "
              f"{s['load_after'][0]:.2f} after, on {s['cpus']} CPUs. Times by {names[clock]}.", "",
              "| step | trained params | samples/s (median; fastest) | time / fedavg-adapter, median of rounds "
@@ -409,9 +394,8 @@ def main(argv=None) -> dict:
     started = time.time()
     contenders = build(args, device)
     batches = make_batches(backbone_shape(args), args.batch_size, args.answers, 4, device, args.seed)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp else nullcontext
-    seconds = time_steps(contenders, batches, args, device, autocast)
-    memory = {c.name: measure_memory(c, batches[0], device, autocast) for c in contenders}
+    seconds = time_steps(contenders, batches, args, device)
+    memory = {c.name: measure_memory(c, batches[0], device) for c in contenders}
     result = {
         "settings": {**vars(args), "threads": torch.get_num_threads(),
                      "cpus": os.cpu_count(), "load_before": list(load_before), "load_after": list(os.getloadavg()),

@@ -23,6 +23,8 @@ def test_flower_app_config_is_valid_and_matches_runconfig():
     values = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
     cfg, out = config_from_values(values)
     assert cfg == RunConfig() and out is None
+    fields = {k.replace("_", "-") for k in RunConfig().to_dict()} - {"engine"}  # engine: flwr run is Flower
+    assert fields <= values.keys(), f"missing from pyproject's Flower config: {sorted(fields - values.keys())}"
     custom = RunConfig(method="fedavg-adapter", rounds=3, model_path="/x", lr_adapter=1e-4, engine="flower")
     assert config_from_values(dict(config_to_record(custom)))[0] == custom
     assert client_index({"partition-id": 2, "num-partitions": 5}, 5) == 2
@@ -136,3 +138,20 @@ def test_flower_run_resumes_from_its_checkpoint(tiny_config, tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
     assert [strip(r) for r in got["rounds"]] == [strip(r) for r in ref["rounds"]]
     assert set(got["rounds"][2]["missing_clients"]) == {"night"}
+
+
+@pytest.mark.integration
+def test_flower_task_benchmark_matches_inprocess(tiny_config):
+    """Clients with different heads (VQA soft scores, image pairs, entailment, multiple choice) on Flower: the
+    same numbers as in-process, and results.json says each client's task and metric."""
+    from feddat.federation.flower_app import run_flower
+    from feddat.federation.inprocess import run
+
+    cfg = tiny_config(benchmark="task", rounds=1)
+    ref = run(cfg, progress=False)
+    got = run_flower(cfg, progress=False)
+    assert got["tasks"] == ref["tasks"]
+    assert {c: t["task"] for c, t in got["tasks"].items()} == \
+        {"vqa": "vqa", "pair": "pair", "entailment": "entailment", "choice": "choice"}
+    assert got["tasks"]["vqa"]["metric"] == "vqa-score"
+    assert _close(got["final"]["clients"], ref["final"]["clients"])

@@ -288,3 +288,133 @@ def test_flower_with_sampling_and_partitions_matches_inprocess(tiny_config, tmp_
         assert g["test"].keys() == r["test"].keys() and len(r["test"]) == 8
         assert all(abs(g["test"][c] - v) <= 1e-6 for c, v in r["test"].items())
     assert all(abs(got["final"]["clients"][c] - v) <= 1e-6 for c, v in ref["final"]["clients"].items())
+
+
+# ----- Flower: private state off the heap -----
+def _to_client(kind: str, index: int, cfg, server_round: int, global_state=None, **config):
+    """A message from the server to the node of client `index`, as the ServerApp builds it."""
+    import time
+
+    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+
+    from feddat.federation.flower_app import ARRAYS, CONFIG, RUN_CONFIG, config_to_record, state_to_record
+
+    meta = Metadata(run_id=7, message_id=f"{kind}-{server_round}-{index}", src_node_id=0, dst_node_id=index + 1,
+                    reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=3600,
+                    message_type=kind)
+    content = RecordDict({RUN_CONFIG: config_to_record(cfg),
+                          CONFIG: ConfigRecord({"server-round": server_round, "resumed-from": 0, **config})})
+    content[ARRAYS] = state_to_record(global_state)
+    return Message(content=content, metadata=meta)
+
+
+def _nodes(n: int):
+    from flwr.app import Context, RecordDict
+
+    return [Context(run_id=7, node_id=i + 1, node_config={"partition-id": i}, state=RecordDict(), run_config={})
+            for i in range(n)]
+
+
+def _train_round_one(cfg, contexts):
+    """Every node answers the query, then the clients sampled for round 1 train; returns their indices."""
+    from flwr.app import MessageType
+
+    from feddat.federation.flower_app import client_app, get_setup
+
+    for i, context in enumerate(contexts):
+        client_app(_to_client(MessageType.QUERY, i, cfg, 0), context)
+    glob = get_setup(cfg).worker.initial_global(cfg.seed)
+    sampled = sample_clients(cfg.seed, 0, len(contexts), cfg.round_size())
+    for i in sampled:
+        reply = client_app(_to_client(MessageType.TRAIN, i, cfg, 1, glob), contexts[i])
+        assert not reply.has_error() and int(reply.content["metrics"]["client-index"]) == i
+    return sampled, glob
+
+
+def test_flower_nodes_keep_private_state_only_in_client_state_dir(tiny_config, tmp_path):
+    """With client-state-dir, a trained client's private state is in its file, not in the node's context.state;
+    without it (a small federation) it is in context.state. A damaged file is an error naming client and file."""
+    from flwr.app import MessageType
+
+    from feddat.federation.client_state import node_states
+    from feddat.federation.flower_app import STATE_KEY, client_app, get_setup
+
+    values = dict(partition="iid", num_clients=6, clients_per_round=2, rounds=2, engine="flower")
+    memory = tiny_config(**values)
+    contexts = _nodes(6)
+    sampled, _ = _train_round_one(memory, contexts)
+    assert [i for i, c in enumerate(contexts) if STATE_KEY in c.state] == sampled
+
+    cfg = tiny_config(**values, client_state_dir=str(tmp_path / "states"))
+    contexts = _nodes(6)
+    sampled, glob = _train_round_one(cfg, contexts)
+    assert all(len(c.state) == 0 for c in contexts)
+    setup, store = get_setup(cfg), node_states(cfg.to_dict(), cfg.client_state_dir, 6, 7)
+    names = [c.name for c in setup.clients]
+    assert [store.rounds(n) for n in names] == [[0, 1] if i in sampled else [0] for i in range(6)]
+    for i in sampled:  # the file holds the trained state: different from the initial one, same keys
+        trained, initial = store.load(names[i], 1), store.load(names[i], 0)
+        assert trained.keys() == initial.keys() and any(not torch.equal(trained[k], initial[k]) for k in trained)
+    i = sampled[0]
+    store.path(names[i], 1).write_bytes(b"\x10\x00\x00garbage")
+    with pytest.raises(FedDATError, match=rf"client {names[i]} in .*{names[i]}.round-0001\.safetensors is unreadable"):
+        client_app(_to_client(MessageType.EVALUATE, i, cfg, 1, glob), contexts[i])
+
+
+def test_flower_with_many_clients_keeps_state_in_a_temporary_directory(tiny_config, tmp_path, monkeypatch):
+    """More than 32 clients and no client-state-dir: the states live only in files of a temporary directory
+    named by the run, removed once every client has had its final evaluation (and by the server at the end)."""
+    import tempfile
+
+    from flwr.app import MessageType
+
+    from feddat.federation.client_state import (STATES_IN_MEMORY_UP_TO, remove_temporary_node_dirs,
+                                                temporary_node_dir)
+    from feddat.federation.flower_app import client_app, get_setup
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    n = STATES_IN_MEMORY_UP_TO + 1
+    cfg = tiny_config(partition="iid", num_clients=n, clients_per_round=2, rounds=1, engine="flower",
+                      train_per_client=48)
+    contexts = _nodes(n)
+    sampled, glob = _train_round_one(cfg, contexts)
+    assert all(len(c.state) == 0 for c in contexts)
+    directory = temporary_node_dir(cfg.to_dict(), 7)
+    names = [c.name for c in get_setup(cfg).clients]
+    assert sorted(p.name for p in directory.iterdir()) == sorted(names[i] for i in sampled)
+    for i, context in enumerate(contexts):
+        reply = client_app(_to_client(MessageType.EVALUATE, i, cfg, 1, glob, final=True), context)
+        assert not reply.has_error() and 0 <= reply.content["metrics"]["score"] <= 1
+        if i == sampled[0]:
+            assert directory.is_dir() and not (directory / names[i]).exists()
+    assert not directory.exists()
+    directory.mkdir()  # what a failed run leaves: the server removes it
+    remove_temporary_node_dirs(7)
+    assert not directory.exists()
+
+
+@pytest.mark.integration
+def test_flower_with_many_clients_matches_inprocess_and_leaves_no_state_files(tiny_config):
+    """33 clients on Flower's simulation: states in temporary files (read back by clients drawn again in round 2)
+    give the in-process engine's numbers, and nothing is left in the temporary directory."""
+    import tempfile
+    from pathlib import Path
+
+    from feddat.federation.flower_app import run_flower
+    from feddat.federation.inprocess import run
+
+    cfg = tiny_config(partition="iid", num_clients=33, clients_per_round=20, rounds=2, seed=3, train_per_client=48,
+                      eval_every=2)
+    leftovers = lambda: set(Path(tempfile.gettempdir()).glob("feddat-states-run*"))
+    before = leftovers()
+    ref = run(cfg, progress=False)
+    got = run_flower(cfg, progress=False)
+    assert leftovers() <= before
+    first, second = (set(r["sampled_clients"]) for r in ref["rounds"])
+    assert first & second  # some clients train again from the state they saved
+    for g, r in zip(got["rounds"], ref["rounds"], strict=True):
+        assert g["sampled_clients"] == r["sampled_clients"]
+        for client in r["train"]:
+            assert all(abs(g["train"][client][k] - v) <= 1e-6 for k, v in r["train"][client].items())
+    assert all(abs(got["final"]["clients"][c] - v) <= 1e-6 for c, v in ref["final"]["clients"].items())

@@ -234,3 +234,25 @@ def test_partitioning_keeps_the_annotators_answers():
         for r in splits.values():
             assert len(r.annotator_answers) == len(r) and all(len(a) == 10 for a in r.annotator_answers)
             assert all(consensus(a) == ans for a, ans in zip(r.annotator_answers, r.answers))
+
+
+def test_task_records_are_deterministic_and_cached(tmp_path):
+    from feddat.data.benchmarks import Sizes
+
+    sizes = Sizes(12, 4, 12)
+    fresh = client_records("task", 3, sizes)
+    cached_once = client_records("task", 3, sizes, tmp_path)
+    cached_twice = client_records("task", 3, sizes, tmp_path)  # read back from the cache file
+    assert len(list(tmp_path.glob("task-*.npz"))) == 1
+    for c in fresh:
+        for split in ("train", "val", "test"):
+            for r in (cached_once[c][split], cached_twice[c][split]):
+                a = fresh[c][split]
+                assert np.array_equal(a.images, r.images) and a.questions == r.questions and a.answers == r.answers
+                assert a.task == r.task and a.candidates == r.candidates
+                assert a.annotator_answers == r.annotator_answers
+                assert (a.image_index2 is None) == (r.image_index2 is None)
+                if a.image_index2 is not None:
+                    assert np.array_equal(a.image_index2, r.image_index2)
+    other = client_records("task", 4, sizes)
+    assert other["pair"]["train"].questions != fresh["pair"]["train"].questions

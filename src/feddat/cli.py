@@ -228,11 +228,13 @@ def cmd_eval(args) -> int:
     else:
         if args.view is not None:
             raise FedDATError("--view applies to --data; a run's own test splits are scored in every view it reports")
+        other = args.benchmark is not None or args.data_dir is not None
         with _NoLoadBars():
             data = evaluate_run(args.run, clients, args.model_path, args.cache_dir, args.device,
-                                progress=not args.quiet, family=args.backbone)
+                                progress=not args.quiet, family=args.backbone, data_dir=args.data_dir,
+                                benchmark=args.benchmark, skip_bad=args.skip_bad_records)
         run_results = json.loads((Path(args.run) / "results.json").read_text())
-        print(client_table({**data, "rounds": run_results.get("rounds", [])[-1:]}))
+        print(client_table({**data, "rounds": [] if other else run_results.get("rounds", [])[-1:]}))
     out = Path(args.out) if args.out else None
     if out is not None:
         if out.exists() and not out.is_dir():
@@ -437,6 +439,12 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="score --client on this JSON-lines file instead (image path relative to the "
                     "file, question, answer)")
     ev.add_argument("--view", help="with --data: the view to score (default: the method's predicting view)")
+    ev.add_argument("--data-dir", dest="data_dir", help="score on the test split of the real datasets in this "
+                    "directory (docs/datasets.md): the run's benchmark, or --benchmark")
+    ev.add_argument("--benchmark", help="score on this benchmark's test split (generated, or read from --data-dir); "
+                    "each saved client on the client of the same name")
+    ev.add_argument("--skip-bad-records", dest="skip_bad_records", action="store_true",
+                    help="with --data-dir: skip (and count) malformed records and unreadable images")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)

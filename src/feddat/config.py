@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from feddat.algorithms.base import LocalConfig
@@ -11,6 +12,7 @@ from feddat.errors import FedDATError
 from feddat.federation.aggregate import AGGREGATIONS, MEAN_RULES, bulyan_minimum, krum_minimum
 
 ENGINES = ("inprocess", "flower")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -36,6 +38,9 @@ class RunConfig:
     kd_temperature: float = 3.0
     fused: bool = False                 # FedDAT: student and DAT views in one batched forward (same gradients,
                                         # docs/performance.md says when it is faster)
+    precision: str = "fp32"             # fp32, or bf16: torch.autocast(bfloat16) around the forward passes of local
+                                        # training and evaluation (docs/performance.md)
+    compile: bool = False               # torch.compile the backbone the worker trains through
     reduction: int = 16
     lr_backbone: float = 1e-4           # fedavg-full: learning rate of the backbone's own weights
     fedprox_mu: float = 0.01            # fedprox-adapter: mu/2 * ||adapter - global||^2
@@ -66,19 +71,33 @@ class RunConfig:
     test_per_client: int = 1000
     engine: str = "inprocess"
     model_path: str | None = None       # None = the embedded backbone
-    backbone: str = "vilt"              # vilt (single-stream) or blip (dual-stream, needs --model-path)
+    backbone: str = "vilt"              # vilt (single-stream) or blip (dual-stream); both ship a small one
     device: str = "cpu"
     threads: int = 0                    # torch intra-op threads; 0 = torch's default
     cache_dir: str | None = None        # benchmark cache; None = ~/.cache/feddat
+    data_dir: str | None = None         # the paper's real datasets, as they ship (docs/datasets.md); None =
+                                        # the generated benchmark
+    skip_bad_records: bool = False      # with data_dir: skip (and count) malformed records and unreadable images
     tracker: str | None = None          # experiment tracker: tensorboard, mlflow or wandb; None = none
-    client_state_dir: str | None = None # Flower: where a node keeps its clients' private state after every
-                                        # round (node-local), so that the run can be resumed; None = in memory
+    client_state_dir: str | None = None # where clients' private states live between their rounds, one file
+                                        # per client (node-local; makes a Flower run resumable); None = in
+                                        # memory up to 32 clients, else a temporary directory
 
     def validate(self) -> "RunConfig":
         from feddat.algorithms.registry import METHODS
 
         if self.benchmark not in BENCHMARKS:
             raise FedDATError(f"unknown benchmark {self.benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+        if self.data_dir is not None:
+            from feddat.data.real import REAL_BENCHMARKS
+
+            if self.benchmark not in REAL_BENCHMARKS:
+                raise FedDATError(f"benchmark {self.benchmark!r} has no real-data form; with --data-dir choose one "
+                                  f"of {', '.join(REAL_BENCHMARKS)}")
+            if not isinstance(self.data_dir, str) or not Path(self.data_dir).is_dir():
+                raise FedDATError(f"data-dir {self.data_dir!r} is not a directory")
+        if not isinstance(self.skip_bad_records, bool):
+            raise FedDATError(f"skip-bad-records must be true or false, got {self.skip_bad_records!r}")
         if self.method not in METHODS:
             raise FedDATError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)} "
                               "(`feddat methods` lists them)")
@@ -101,6 +120,10 @@ class RunConfig:
         self._validate_server()
         if not isinstance(self.fused, bool):
             raise FedDATError(f"fused must be true or false, got {self.fused!r}")
+        if self.precision not in PRECISIONS:
+            raise FedDATError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.compile, bool):
+            raise FedDATError(f"compile must be true or false, got {self.compile!r}")
         if self.eval_frozen not in ("newest", "last_round"):
             raise FedDATError(f"eval-frozen must be 'newest' or 'last_round', got {self.eval_frozen!r}")
         from feddat.models.backbone import BACKBONES
@@ -259,6 +282,10 @@ class RunConfig:
                               "client")
 
     def _all_client_names(self) -> list[str]:
+        if self.partition == "natural" and self.data_dir:
+            from feddat.data.real import real_clients
+
+            return [c.name for _, c in real_clients(self.benchmark)]
         if self.partition == "natural":
             return [c.name for c in BENCHMARKS[self.benchmark]()]
         from feddat.data.partition import partition_client_names

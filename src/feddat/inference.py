@@ -249,7 +249,7 @@ def _local_config(meta: dict[str, Any]):
 
     from feddat.algorithms.base import LocalConfig
 
-    known = {f.name for f in fields(LocalConfig)}
+    known = {f.name for f in fields(LocalConfig)} - {"compile"}  # compiling pays off for training, not prediction
     return LocalConfig(**{k: v for k, v in meta.get("local", {}).items() if k in known})
 
 
@@ -284,12 +284,16 @@ def load_client(run_dir: str | Path, client: str, model_path: str | Path | None 
 
 def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, model_path: str | Path | None = None,
                  cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = False,
-                 family: str | None = None) -> dict:
-    """Re-score a run's saved clients on their own test split, regenerated from the run's config (benchmark,
-    seed, sizes). Returns a results-like dict (config, clients, label_spaces, final, wall_seconds, run_dir)."""
+                 family: str | None = None, data_dir: str | Path | None = None, benchmark: str | None = None,
+                 skip_bad: bool = False) -> dict:
+    """Re-score a run's saved clients on their own test split, regenerated (or, for a run on real data, read
+    again) from the run's config (benchmark, seed, sizes). With `benchmark` and/or `data_dir`, score them on
+    that benchmark's test split instead (the real datasets in `data_dir`, or the generated benchmark): each saved
+    client on the client of the same name, in its own label space (other answers count as wrong). Returns a
+    results-like dict (config, clients, label_spaces, tasks, final, wall_seconds, run_dir, data)."""
     from feddat.algorithms.registry import get_method
     from feddat.config import RunConfig
-    from feddat.data.benchmarks import load_benchmark
+    from feddat.data.benchmarks import RealData, load_benchmark
     from feddat.eval.results import History
     from feddat.federation.inprocess import default_cache_dir, finish_history, reported_views
     from feddat.models.backbone import load_backbone
@@ -311,9 +315,31 @@ def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, mode
     path = _backbone_path(first_meta, model_path)
     backbone, tokenizer = load_backbone(path, device, _backbone_family(first_meta, family))
     cache = Path(cache_dir) if cache_dir else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    data = {c.name: c for c in load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer,
-                                              backbone.config.max_position_embeddings, cache,
-                                              partition=cfg.partition_spec)}
+    other = benchmark is not None or data_dir is not None
+    where_data = str(data_dir or cfg.data_dir or "") or None
+    bench = benchmark or cfg.benchmark
+    if other:
+        from dataclasses import replace as _replace
+
+        try:  # the same checks as a run's (benchmark, real-data form, directory)
+            there = _replace(cfg, benchmark=bench, data_dir=where_data, partition="natural", clients=0).validate()
+        except FedDATError as e:
+            raise FedDATError(f"cannot score on {bench}{f' in {where_data}' if where_data else ''}: {e}") from None
+        missing = [n for n in names if n not in there.client_names()]
+        if missing:
+            raise FedDATError(f"{bench}{f' in {where_data}' if where_data else ''} has no client "
+                              f"{', '.join(missing)} (its clients: {', '.join(there.client_names())}); pick one "
+                              "with --client")
+    real = RealData(where_data, int(backbone.config.image_size), skip_bad or cfg.skip_bad_records,
+                    progress) if where_data else None
+    loaded = load_benchmark(bench, cfg.seed, cfg.sizes, tokenizer, backbone.config.max_position_embeddings, cache,
+                            partition=None if other else cfg.partition_spec, real=real,
+                            label_spaces={n: saved[n][1]["answers"] for n in names} if other else None)
+    data = {c.name: c for c in loaded}
+    missing = [n for n in names if n not in data]
+    if missing:
+        raise FedDATError(f"{bench}{f' in {where_data}' if where_data else ''} has no client {', '.join(missing)} "
+                          f"(its clients: {', '.join(data)}); pick one with --client")
     worker = _build(first_meta, backbone, tokenizer, device)
     method = get_method(cfg.method)
     views = reported_views(method)
@@ -334,6 +360,7 @@ def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, mode
     out = dict(history.data)
     out.pop("rounds")
     out["run_dir"] = str(run_dir)
+    out["data"] = {"benchmark": bench, "data_dir": where_data, "seed": cfg.seed, "split": "test"}
     return out
 
 

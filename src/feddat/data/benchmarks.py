@@ -91,6 +91,16 @@ BENCHMARKS = {
 }
 
 
+@dataclass(frozen=True)
+class RealData:
+    """Where a benchmark's real datasets are (feddat.data.real) and how to read them."""
+
+    data_dir: str
+    image_size: int               # the backbone's image side
+    skip_bad: bool = False
+    progress: bool = True
+
+
 @dataclass
 class Split:
     """One split of one client, as tensors ready for a backbone."""
@@ -216,10 +226,17 @@ def _load_records(path: Path) -> dict[str, Records]:
 
 
 def client_records(benchmark: str, seed: int, sizes: Sizes, cache_dir: Path | None = None,
-                   partition=None) -> dict[str, dict]:
-    """Raw records of every client, {client: {split: Records}}, generated once per (spec, seed, sizes); with a
-    `partition` (feddat.data.partition.Partition) the pooled records split over its clients instead."""
-    recs = _natural_records(benchmark, seed, sizes, cache_dir)
+                   partition=None, real: "RealData | None" = None) -> dict[str, dict]:
+    """Raw records of every client, {client: {split: Records}}, generated once per (spec, seed, sizes), or read
+    from the real datasets (`real`); with a `partition` (feddat.data.partition.Partition) the pooled records
+    split over its clients instead."""
+    if real is not None:
+        from feddat.data.real import load_real_benchmark
+
+        recs = load_real_benchmark(benchmark, Path(real.data_dir), seed, sizes, real.image_size, real.skip_bad,
+                                   progress=real.progress)
+    else:
+        recs = _natural_records(benchmark, seed, sizes, cache_dir)
     if partition is None:
         return recs
     from feddat.data.partition import partition_records
@@ -228,7 +245,7 @@ def client_records(benchmark: str, seed: int, sizes: Sizes, cache_dir: Path | No
     if tasks != {"vqa"}:
         raise FedDATError(f"benchmark {benchmark} cannot be partitioned: its clients' records are not all VQA "
                           f"({', '.join(sorted(tasks))}); use --partition natural")
-    key = _cache_key(benchmark, BENCHMARKS[benchmark](), seed, sizes)
+    key = _cache_key(benchmark, BENCHMARKS[benchmark](), seed, sizes) if real is None else ""  # real: not cached
     return partition_records(recs, partition, seed, sizes, cache_dir, key)
 
 
@@ -315,11 +332,12 @@ def _to_split(r: Records, tokenizer, text_len: int, lookup: dict[str, int]) -> S
 
 
 def load_benchmark(benchmark: str, seed: int, sizes: Sizes, tokenizer, text_len: int,
-                   cache_dir: Path | None = None, partition=None) -> list[ClientData]:
+                   cache_dir: Path | None = None, partition=None, real: RealData | None = None,
+                   label_spaces: dict[str, list[str]] | None = None) -> list[ClientData]:
     """Every client's tokenised splits. A client's label space is the answers seen in its train split (of a
-    partitioned benchmark: in every client's train split); val/test questions with other answers keep label -1
-    and count as wrong."""
-    recs = client_records(benchmark, seed, sizes, cache_dir, partition)
+    partitioned benchmark: in every client's train split), or the one `label_spaces` gives (scoring a saved
+    model on other data); questions with other answers keep label -1 (no soft score) and count as wrong."""
+    recs = client_records(benchmark, seed, sizes, cache_dir, partition, real)
     shared = None
     if partition is not None:
         from feddat.data.partition import shared_answers
@@ -328,7 +346,7 @@ def load_benchmark(benchmark: str, seed: int, sizes: Sizes, tokenizer, text_len:
     clients = []
     for name, splits in recs.items():
         task = splits["train"].task
-        answers = label_space(task, splits["train"], shared)
+        answers = (label_spaces or {}).get(name) or label_space(task, splits["train"], shared)
         lookup = {a: i for i, a in enumerate(answers)}
         clients.append(ClientData(name, answers, *(_to_split(splits[s], tokenizer, text_len, lookup)
                                                    for s in ("train", "val", "test")), task=task))

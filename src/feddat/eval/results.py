@@ -97,6 +97,12 @@ def client_table(results: dict[str, Any]) -> str:
     header = ["client"] + views
     rows = [[c] + [f"{final['views'][v]['clients'][c]:.4f}" for v in views] for c in results["clients"]]
     rows.append(["mean"] + [f"{final['views'][v]['avg_score']:.4f}" for v in views])
+    tasks = results.get("tasks") or {}
+    if any(t.get("metric") != "accuracy" for t in tasks.values()):  # say how each client is scored
+        header.append("metric")
+        for r in rows[:-1]:
+            r.append(f"{tasks[r[0]]['task']}: {tasks[r[0]]['metric']}")
+        rows[-1].append("")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths))
     sent = results["rounds"][-1]["bytes_sent"] if results["rounds"] else {}

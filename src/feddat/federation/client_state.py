@@ -7,6 +7,11 @@ trains or is scored and written when it has trained, so memory holds the states 
 client that has not trained yet has no file: its state is the worker's initial one, computed from the seed when
 asked for (the same tensors the in-memory dict starts with). Safetensors round-trips tensors bit for bit, so both
 stores give the same numbers.
+
+A Flower node follows the same rule (`node_states`): with client_state_dir set, or more than
+STATES_IN_MEMORY_UP_TO clients, its clients' states live only in their files between their rounds (`RoundStates`,
+one file per round the client trained, the newest KEEP_ROUNDS kept so that a run can be resumed after a round the
+server did not checkpoint); else in the node's memory (Flower's context.state).
 """
 
 from __future__ import annotations
@@ -26,13 +31,36 @@ from feddat.errors import FedDATError
 State = dict[str, torch.Tensor]
 
 STATES_IN_MEMORY_UP_TO = 32     # more clients than this: their private states go to disk
-NODE_LOCAL = ("model_path", "cache_dir", "device", "threads", "client_state_dir")
+NODE_LOCAL = ("model_path", "cache_dir", "device", "threads", "client_state_dir", "data_dir")
+KEEP_ROUNDS = 3   # Flower: rounds of a client's state kept on disk (enough to resume after a damaged checkpoint)
 
 
 def run_key(config: dict) -> str:
     """Names a run's state directory: its config without the settings of where and how fast it runs."""
     values = {k: v for k, v in config.items() if k not in NODE_LOCAL}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_state(path: Path, client: str, remedy: str) -> State:
+    """A client's private state from its file; a FedDATError naming the client, the file and `remedy` if unreadable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FedDATError(f"the private state of client {client} in {path} is unreadable ({first}); the client's "
+                          f"adapters and head are lost: {remedy}") from e
+
+
+def write_state(path: Path, state: State) -> None:
+    """Write a state to a temporary file, then rename it: a reader sees the old file or the new one, whole."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 class DiskStates(MutableMapping):
@@ -58,29 +86,15 @@ class DiskStates(MutableMapping):
             raise KeyError(name)
 
     def __getitem__(self, name: str) -> State:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         self._check(name)
         path = self.path(name)
         if not path.exists():
             return self.initial(name)
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FedDATError(f"the private state of client {name} in {path} is unreadable ({first}); the client's "
-                              "adapters and head are lost: resume the run from its checkpoint "
-                              "(feddat run --resume DIR)") from e
+        return read_state(path, name, "resume the run from its checkpoint (feddat run --resume DIR)")
 
     def __setitem__(self, name: str, state: State) -> None:
-        from safetensors.torch import save_file
-
         self._check(name)
-        path = self.path(name)
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-        os.replace(tmp, path)
+        write_state(self.path(name), state)
 
     def __delitem__(self, name: str) -> None:
         self._check(name)
@@ -121,3 +135,88 @@ def open_states(config: dict, client_state_dir: str | None, names: list[str],
         store.clear_files()  # a new or resumed run: a resumed one rewrites them from its checkpoint
         return store
     return DiskStates(Path(tempfile.mkdtemp(prefix="feddat-states-")), names, initial, owned=True)
+
+
+class RoundStates:
+    """A Flower node's clients' private states: `<directory>/<client>/round-<NNNN>.safetensors`, written after
+    every round the client trains (the newest KEEP_ROUNDS kept), read when it trains or is scored.
+
+    `resumable`: the directory is the node's client_state_dir and outlives the run, which can then be resumed
+    from a server checkpoint. Otherwise it is a temporary one: `finish(client)` removes a client's files after
+    its final evaluation, and the directories left empty.
+    """
+
+    def __init__(self, directory: Path, resumable: bool):
+        self.directory = Path(directory)
+        self.resumable = resumable
+
+    def rounds(self, name: str) -> list[int]:
+        """The rounds of the client's saved states, oldest first."""
+        d = self.directory / name
+        return sorted(int(p.stem.split("-")[1]) for p in d.glob("round-*.safetensors")) if d.is_dir() else []
+
+    def path(self, name: str, round_number: int) -> Path:
+        return self.directory / name / f"round-{round_number:04d}.safetensors"
+
+    def save(self, name: str, round_number: int, state: State) -> None:
+        (self.directory / name).mkdir(parents=True, exist_ok=True)
+        write_state(self.path(name, round_number), state)
+        for old in self.rounds(name)[:-KEEP_ROUNDS]:
+            self.path(name, old).unlink(missing_ok=True)
+
+    def load(self, name: str, upto: int) -> State | None:
+        """The client's newest saved state of round `upto` or before; None if it has none."""
+        usable = [r for r in self.rounds(name) if r <= upto]
+        if not usable:
+            return None
+        remedy = ("resume the run from its checkpoint with this node's client-state-dir" if self.resumable
+                  else "run again (set client-state-dir to make the run resumable)")
+        return read_state(self.path(name, usable[-1]), name, remedy)
+
+    def start(self, name: str, resumed_from: int) -> None:
+        """At the start of a run: drop the client's states of rounds after `resumed_from` (all but the initial
+        one in a new run: they belong to an earlier run of this config, or to rounds an interrupted run did not
+        checkpoint), so every state left belongs to this run's history. A resumed client without a state of
+        round `resumed_from` or before is an error."""
+        rounds = self.rounds(name)
+        for r in rounds:
+            if r > resumed_from:
+                self.path(name, r).unlink(missing_ok=True)
+        if resumed_from > 0 and not any(r <= resumed_from for r in rounds):
+            raise FedDATError(f"client {name} has no saved state of round {resumed_from} or before in "
+                              f"{self.directory / name}: run its SuperNode with the client-state-dir of the "
+                              "interrupted run")
+
+    def finish(self, name: str) -> None:
+        """A temporary store, after the client's final evaluation: remove its files and the directories left
+        empty (the run's own once every client it served has finished)."""
+        if self.resumable:
+            return
+        shutil.rmtree(self.directory / name, ignore_errors=True)
+        try:
+            self.directory.rmdir()
+        except OSError:
+            pass  # other clients' states are still there
+
+
+def temporary_node_dir(config: dict, run_id: int) -> Path:
+    """Where the processes of one machine keep a Flower run's states without client_state_dir: named by the
+    run's id and key, so every process serving the run's clients (simulation actors, SuperNodes) finds them."""
+    return Path(tempfile.gettempdir()) / f"feddat-states-run{run_id}-{run_key(config)}"
+
+
+def remove_temporary_node_dirs(run_id: int) -> None:
+    """Remove what a Flower run (by id) left in this machine's temporary directories, whatever its end."""
+    for d in Path(tempfile.gettempdir()).glob(f"feddat-states-run{run_id}-*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def node_states(config: dict, client_state_dir: str | None, n_clients: int, run_id: int) -> RoundStates | None:
+    """A Flower node's store of private states: None (they stay in the node's memory, context.state) for a
+    federation of up to STATES_IN_MEMORY_UP_TO clients without client_state_dir; else files under
+    `<client_state_dir>/<run key>/` (resumable) or under `temporary_node_dir`."""
+    if not keeps_states_on_disk(client_state_dir, n_clients):
+        return None
+    if client_state_dir:
+        return RoundStates(Path(client_state_dir) / run_key(config), resumable=True)
+    return RoundStates(temporary_node_dir(config, run_id), resumable=False)

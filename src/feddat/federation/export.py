@@ -30,7 +30,7 @@ import torch
 
 from feddat.config import RunConfig
 from feddat.errors import FedDATError
-from feddat.models.backbone import EMBEDDED_DIR, file_sha256
+from feddat.models.backbone import embedded_dir, file_sha256
 
 State = dict[str, torch.Tensor]
 
@@ -52,9 +52,10 @@ def cached_sha256(path: Path) -> str:
     return _sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
-def backbone_weights_file(model_path: str | None) -> Path | None:
-    """The weights file of a backbone: in its directory (None = the embedded one), or a hub id's cached copy."""
-    local = EMBEDDED_DIR if model_path is None else Path(model_path)
+def backbone_weights_file(model_path: str | None, family: str = "vilt") -> Path | None:
+    """The weights file of a backbone: in its directory (None = the embedded one of `family`), or a hub id's
+    cached copy."""
+    local = embedded_dir(family) if model_path is None else Path(model_path)
     if local.is_dir():
         for name in WEIGHT_FILES:
             if (local / name).is_file():
@@ -74,14 +75,14 @@ def backbone_weights_file(model_path: str | None) -> Path | None:
 
 def backbone_record(model_path: str | None, backbone) -> dict[str, Any]:
     """The backbone as client.json names it: where it came from, its weights' checksum and its shape."""
-    weights = backbone_weights_file(model_path)
+    from feddat.models.backbone import backbone_family
+
+    weights = backbone_weights_file(model_path, backbone_family(backbone))
     if model_path is None:
         where = "embedded"
     else:
         where = str(Path(model_path).resolve()) if Path(model_path).exists() else str(model_path)
     c = backbone.config
-    from feddat.models.backbone import backbone_family
-
     return {
         "family": backbone_family(backbone),
         "model_path": where,

@@ -20,10 +20,12 @@ and averages updates, `History` records the run. Flower carries the messages (fl
 Every message also carries the run config ("run-config"), so the server is the one source of truth and the
 ClientApp needs nothing from Flower's own run config. A node's client is its `partition-id` (simulation) or
 `client-id` (deployment, `--node-config "client-id=0"`); node-local settings (model-path, cache-dir, device,
-threads, client-state-dir) may be overridden by the node config. A client's private state (its local adapters
-and head) lives in `context.state` and, with client-state-dir set, on the node's disk after every round (so the
-run can be resumed, `serve(resume=...)`); one backbone is built per process whatever the number of clients it
-serves.
+threads, client-state-dir) may be overridden by the node config. A client's private state (its local adapters,
+head and the method's other private tensors) follows the in-process engine's rule
+(feddat.federation.client_state): with client-state-dir set it lives only in the node's files between the
+client's rounds (so the run can be resumed, `serve(resume=...)`); with more than 32 clients, only in files of a
+temporary directory named by the run, removed as the clients finish; else in `context.state`. One backbone is
+built per process whatever the number of clients it serves.
 
 A round's train replies go to the same `RoundCollector` as in the in-process engine (feddat.federation.server):
 error replies and clients silent past the timeout are missing, bad updates rejected, the missing ones asked
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -62,6 +63,7 @@ from feddat.config import RunConfig
 from feddat.errors import FedDATError
 from feddat.eval.results import History
 from feddat.federation.checkpoint import Checkpoint, check_fits, save_checkpoint
+from feddat.federation.client_state import NODE_LOCAL, RoundStates, node_states, remove_temporary_node_dirs
 from feddat.federation.faults import check_crash, corrupt, delay, parse_faults
 from feddat.federation.inprocess import Setup, build, evaluate_client, finish_history, reported_views
 from feddat.federation.secagg import secure_aggregation_mod
@@ -73,8 +75,6 @@ log = logging.getLogger(__name__)
 ARRAYS, CONFIG, METRICS, CLIENT, RUN_CONFIG = "arrays", "config", "metrics", "client", "run-config"
 STATE_KEY = "feddat-client-state"
 MODEL_META = "model-meta"
-NODE_LOCAL = ("model_path", "cache_dir", "device", "threads", "client_state_dir")
-KEEP_STATES = 3   # rounds of a client's private state kept on disk (enough to resume after a damaged checkpoint)
 TIMEOUT_S = 3600.0
 
 
@@ -104,7 +104,7 @@ def config_from_values(values: Mapping[str, Any]) -> tuple[RunConfig, Path | Non
     d = {str(k).replace("-", "_"): v for k, v in values.items()}
     out = d.pop("out_dir", None) or None
     d.pop("resume_dir", None)  # the ServerApp's business (make_server_app)
-    for key in ("model_path", "cache_dir", "tracker", "client_state_dir"):
+    for key in ("model_path", "cache_dir", "tracker", "client_state_dir", "data_dir"):
         if d.get(key) == "":
             d[key] = None
     return RunConfig.from_dict(d), Path(out) if out else None
@@ -152,87 +152,39 @@ def _client_context(msg: Message, context: Context) -> tuple[RunConfig, Setup, i
     return cfg, setup, client_index(context.node_config, len(setup.clients))
 
 
-def run_key(cfg: RunConfig) -> str:
-    """Names a run's client states on disk: the config without node-local settings."""
-    import hashlib
-
-    values = {k: v for k, v in cfg.to_dict().items() if k not in NODE_LOCAL}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+def _store(cfg: RunConfig, setup: Setup, context: Context) -> RoundStates | None:
+    """Where this node keeps its clients' private states between their rounds: files (client-state-dir set, or
+    more than STATES_IN_MEMORY_UP_TO clients), or None: context.state (feddat.federation.client_state)."""
+    return node_states(cfg.to_dict(), cfg.client_state_dir, len(setup.clients), context.run_id)
 
 
-def _state_dir(cfg: RunConfig, name: str) -> Path:
-    return Path(cfg.client_state_dir) / run_key(cfg) / name
+def _initial_state(setup: Setup, cfg: RunConfig, index: int) -> State:
+    return setup.worker.initial_state(index, setup.clients[index].head_spec, cfg.seed)
 
 
-def _saved_rounds(directory: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in directory.glob("round-*.safetensors")) if directory.is_dir() else []
-
-
-def save_client_state(cfg: RunConfig, name: str, round_number: int, state: State) -> None:
-    """<client-state-dir>/<run key>/<client>/round-<NNNN>.safetensors (temp file, then rename); newest KEEP_STATES."""
-    from safetensors.torch import save_file
-
-    directory = _state_dir(cfg, name)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"round-{round_number:04d}.safetensors"
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
-    for old in _saved_rounds(directory)[:-KEEP_STATES]:
-        (directory / f"round-{old:04d}.safetensors").unlink(missing_ok=True)
-
-
-def start_client_states(cfg: RunConfig, name: str, resumed_from: int) -> None:
-    """At the start of a run: drop the client's saved states of rounds after `resumed_from` (all but the
-    initial one in a new run: they belong to an earlier run of this config, or to the rounds an interrupted
-    run did not checkpoint), so every state left on disk belongs to this run's history. A resumed client
-    without a state of round `resumed_from` or before is an error."""
-    directory = _state_dir(cfg, name)
-    rounds = _saved_rounds(directory)
-    for r in rounds:
-        if r > resumed_from:
-            (directory / f"round-{r:04d}.safetensors").unlink(missing_ok=True)
-    if resumed_from > 0 and not any(r <= resumed_from for r in rounds):
-        raise FedDATError(f"client {name} has no saved state of round {resumed_from} or before in {directory}: "
-                          "run its SuperNode with the client-state-dir of the interrupted run")
-
-
-def load_client_state(cfg: RunConfig, name: str, upto: int) -> State | None:
-    """The client's newest saved state of round `upto` or before (None if there is none)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = _state_dir(cfg, name)
-    usable = [r for r in _saved_rounds(directory) if r <= upto]
-    if not usable:
-        return None
-    path = directory / f"round-{usable[-1]:04d}.safetensors"
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FedDATError(f"{path} is unreadable ({e}); the client's state of that round is lost") from e
-
-
-def _client_state(msg: Message, context: Context, setup: Setup, cfg: RunConfig, index: int, upto: int) -> State:
-    """The client's private state: from context.state; else (a resumed run before the client's first round
-    in it, or a restarted SuperNode) its newest state of round `upto` or before in its node-local
-    client-state-dir; else (a new run) the worker's initial one."""
-    if STATE_KEY in context.state:
-        state = record_to_state(context.state[STATE_KEY])
-        if state is not None:
-            return state
+def _client_state(msg: Message, context: Context, setup: Setup, cfg: RunConfig, index: int, upto: int,
+                  store: RoundStates | None) -> State:
+    """The client's private state: its newest saved state of round `upto` or before in the node's store, or
+    (states in memory) context.state; else, in a new run, the worker's initial one."""
     name = setup.clients[index].name
-    if cfg.client_state_dir:
-        state = load_client_state(cfg, name, upto)
-        if state is not None:
-            return state
+    if store is not None:
+        state = store.load(name, upto)
+    else:
+        state = record_to_state(context.state[STATE_KEY]) if STATE_KEY in context.state else None
+    if state is not None:
+        return state
     if int(msg.content[CONFIG].get("resumed-from", 0)) > 0:
         raise FedDATError(f"client {name} has no saved state to resume from (client-state-dir: "
                           f"{cfg.client_state_dir})")
-    state = setup.worker.initial_state(index, len(setup.clients[index].answers), cfg.seed)
-    if cfg.client_state_dir:
-        save_client_state(cfg, name, 0, state)
-    return state
+    return _initial_state(setup, cfg, index)
+
+
+def _keep_state(context: Context, store: RoundStates | None, name: str, round_number: int, state: State) -> None:
+    """After the client's round: into its file (only there), or into context.state."""
+    if store is not None:
+        store.save(name, round_number, state)
+    else:
+        context.state[STATE_KEY] = state_to_record(state)
 
 
 def _reply(msg: Message, arrays: ArrayRecord | None, metrics: dict, name: str, **config: Any) -> Message:
@@ -249,28 +201,29 @@ client_app = ClientApp()
 def describe(msg: Message, context: Context) -> Message:
     cfg, setup, index = _client_context(msg, context)
     c = setup.clients[index]
-    if cfg.client_state_dir:
+    store = _store(cfg, setup, context)
+    if store is not None and store.resumable:
         resumed_from = int(msg.content[CONFIG].get("resumed-from", 0))
-        start_client_states(cfg, c.name, resumed_from)
+        store.start(c.name, resumed_from)
         if resumed_from == 0:  # a client that sits out until an interruption still has a state to resume from
-            save_client_state(cfg, c.name, 0, setup.worker.initial_state(index, len(c.answers), cfg.seed))
+            store.save(c.name, 0, _initial_state(setup, cfg, index))
     return _reply(msg, state_to_record(setup.worker.initial_global(cfg.seed)),
-                  {"client-index": index, "num-examples": len(c.train)}, c.name, answers=list(c.answers))
+                  {"client-index": index, "num-examples": len(c.train)}, c.name, answers=list(c.answers),
+                  task=json.dumps(c.describe()))
 
 
 @client_app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     cfg, setup, index = _client_context(msg, context)
     c = setup.clients[index]
-    state = _client_state(msg, context, setup, cfg, index, upto=int(msg.content[CONFIG]["server-round"]) - 1)
-    global_state = record_to_state(msg.content[ARRAYS])
+    store = _store(cfg, setup, context)
     round_idx = int(msg.content[CONFIG]["server-round"]) - 1
+    state = _client_state(msg, context, setup, cfg, index, round_idx, store)
+    global_state = record_to_state(msg.content[ARRAYS])
     faults = parse_faults(cfg.fault_injection)
     check_crash(faults, c.name, round_idx + 1, int(msg.content[CONFIG].get("attempt", 0)))
     res = setup.worker.fit(c, state, global_state, round_idx, cfg.rounds, cfg.seed, index)
-    context.state[STATE_KEY] = state_to_record(res.state)
-    if cfg.client_state_dir:
-        save_client_state(cfg, c.name, round_idx + 1, res.state)
+    _keep_state(context, store, c.name, round_idx + 1, res.state)
     if (late := delay(faults, c.name, round_idx + 1)) > 0:
         time.sleep(late)
     metrics = {"num-examples": res.num_examples, "client-index": index}
@@ -285,7 +238,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     c = setup.clients[index]
     method = setup.worker.method
     final = bool(msg.content[CONFIG].get("final", False))
-    state = _client_state(msg, context, setup, cfg, index, upto=int(msg.content[CONFIG]["server-round"]))
+    store = _store(cfg, setup, context)
+    state = _client_state(msg, context, setup, cfg, index, int(msg.content[CONFIG]["server-round"]), store)
+    if final and store is not None:
+        store.finish(c.name)  # a temporary store: the client's last use of its state
     global_state = record_to_state(msg.content[ARRAYS])
     evals = evaluate_client(setup, c, state, global_state, reported_views(method) if final else None)
     main = evals[method.predict_view]
@@ -586,7 +542,7 @@ def _describe(grid: Grid, node_ids: list[int], cfg: RunConfig, n: int, resumed_f
     record = RecordDict({RUN_CONFIG: config_to_record(cfg), CONFIG: ConfigRecord({"resumed-from": resumed_from})})
     replies = list(grid.send_and_receive([Message(content=record, dst_node_id=node, message_type=MessageType.QUERY)
                                           for node in node_ids], timeout=TIMEOUT_S))
-    nodes, names, answers, initial = {}, [None] * n, [None] * n, None
+    nodes, names, answers, tasks, initial = {}, [None] * n, [None] * n, [None] * n, None
     for m in replies:
         if m.has_error():
             continue
@@ -601,16 +557,17 @@ def _describe(grid: Grid, node_ids: list[int], cfg: RunConfig, n: int, resumed_f
         nodes[m.metadata.src_node_id] = index
         names[index] = str(m.content[CLIENT]["name"])
         answers[index] = list(m.content[CLIENT]["answers"])
+        tasks[index] = json.loads(str(m.content[CLIENT]["task"]))
     missing = [i for i in range(n) if i not in nodes.values()]
     if missing:
         raise FedDATError(f"no SuperNode serves client(s) {missing}: " + ("; ".join(_errors(replies)) or "no reply"))
-    return nodes, names, dict(zip(names, answers)), initial
+    return nodes, names, dict(zip(names, answers)), dict(zip(names, tasks)), initial
 
 
 def check_resumable(cfg: RunConfig, resume: Checkpoint) -> None:
     if not cfg.client_state_dir:
-        raise FedDATError("this Flower run kept its clients' private state in memory only (client-state-dir "
-                          "unset): it cannot be resumed")
+        raise FedDATError("this Flower run kept its clients' private state in memory or in temporary files only "
+                          "(client-state-dir unset): it cannot be resumed")
     if resume.round >= cfg.rounds:
         raise FedDATError(f"{resume.path} is the checkpoint of the last round: the run is complete")
 
@@ -646,8 +603,8 @@ def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_s
     if resume is not None:
         check_resumable(cfg, resume)
     done = resume.round if resume is not None else 0
-    nodes, names, label_spaces, initial = _describe(grid, _wait_for_nodes(grid, n), cfg, n, done)
-    history = History(cfg.to_dict(), names, label_spaces)
+    nodes, names, label_spaces, tasks, initial = _describe(grid, _wait_for_nodes(grid, n), cfg, n, done)
+    history = History(cfg.to_dict(), names, label_spaces, tasks)
     if (privacy := privacy_report(cfg)) is not None:
         history.data["privacy"] = privacy
     if resume is not None:
@@ -704,6 +661,8 @@ def make_server_app(cfg: RunConfig | None = None, out_dir: Path | None = None, p
             if sink is not None:
                 sink["error"] = e  # run_flower raises it: the simulation itself only logs it
             raise
+        finally:  # the clients' temporary state files on this machine (a simulation's), whatever the end
+            remove_temporary_node_dirs(context.run_id)
         if sink is not None:
             sink["results"] = data
 

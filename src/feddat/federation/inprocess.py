@@ -42,9 +42,18 @@ def build(cfg: RunConfig) -> Setup:
     text_len = backbone.config.max_position_embeddings
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     clients = load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer, text_len, cache,
-                             partition=cfg.partition_spec)[:len(cfg.client_names())]
+                             partition=cfg.partition_spec, real=real_data(cfg, backbone))[:len(cfg.client_names())]
     worker = Worker(get_method(cfg.method), backbone, cfg.reduction, cfg.local, cfg.device, cfg.warmup)
     return Setup(cfg, clients, worker)
+
+
+def real_data(cfg: RunConfig, backbone):
+    """Where the run reads its real datasets (None: a generated benchmark), at the backbone's image size."""
+    from feddat.data.benchmarks import RealData
+
+    if not cfg.data_dir:
+        return None
+    return RealData(cfg.data_dir, int(backbone.config.image_size), cfg.skip_bad_records)
 
 
 def evaluate_client(setup: Setup, client: ClientData, state: State, global_state: State | None, views=None,

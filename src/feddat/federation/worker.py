@@ -18,7 +18,7 @@ from feddat.algorithms.base import LocalConfig, Method
 from feddat.algorithms.losses import scores
 from feddat.data.benchmarks import ClientData, Split
 from feddat.models.adapters import BottleneckAdapter
-from feddat.models.vl import AnswerHead, HeadSpec, adapt_backbone, make_head, pooled_features
+from feddat.models.vl import AnswerHead, HeadSpec, adapt_backbone, compile_layers, make_head, pooled_features
 
 State = dict[str, torch.Tensor]
 
@@ -58,6 +58,11 @@ class Worker:
         self.model = adapt_backbone(backbone, method.adapters, reduction)
         method.attach(self.model, local)
         self.model.to(self.device)
+        # precision="bf16": every forward pass (training and scoring) under torch.autocast(bfloat16), see
+        # feddat.models.vl.autocast; the adapters, the head and the optimiser state stay in float32.
+        self.model.autocast_dtype = torch.bfloat16 if local.precision == "bf16" else None
+        if local.compile:
+            compile_layers(self.model.backbone)
         self.dim = backbone.config.hidden_size
         self.bottleneck = self.dim // reduction
         for name in method.adapters:

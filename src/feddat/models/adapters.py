@@ -116,6 +116,7 @@ class AdaptedModel(nn.Module):
         self._hooks = [layer.register_forward_hook(slot.hook) for layer, slot in zip(layers, self.slots)]
         self.view = "none"
         self.mix_alpha: torch.Tensor | float | None = None  # the weight of PARAMETER_VIEWS views
+        self.autocast_dtype: torch.dtype | None = None  # the forward passes' autocast dtype (None: float32)
 
     def set_parameter_mix(self, alpha: torch.Tensor | float) -> None:
         """The weight alpha of the first adapter in PARAMETER_VIEWS views (a tensor may require grad); takes

@@ -13,7 +13,9 @@ from transformers import PreTrainedTokenizerFast, ViltConfig, ViltModel
 
 from feddat.errors import FedDATError
 
-EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "weights" / "vilt-small"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+EMBEDDED_DIRS = {"vilt": WEIGHTS_DIR / "vilt-small", "blip": WEIGHTS_DIR / "blip-small"}
+EMBEDDED_DIR = EMBEDDED_DIRS["vilt"]
 CHECKSUM_FILE = "SHA256SUMS"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -50,6 +52,11 @@ def check_family(family: str) -> str:
     if family not in BACKBONES:
         raise FedDATError(f"unknown backbone {family!r}; choose one of {', '.join(BACKBONES)}")
     return family
+
+
+def embedded_dir(family: str = "vilt") -> Path:
+    """The directory of the shipped backbone of a family (src/feddat/weights/vilt-small or blip-small)."""
+    return EMBEDDED_DIRS[check_family(family)]
 
 
 def backbone_family(model: nn.Module) -> str:
@@ -208,17 +215,18 @@ def verify_checksums(directory: Path) -> None:
 
 def load_backbone(path: str | Path | None = None, device: str | torch.device = "cpu", family: str = "vilt"):
     """(ViltModel, tokenizer) from a local directory or hub id; None means the embedded backbone. With
-    family='blip', (feddat.models.blip.BlipBackbone, tokenizer) from a BLIP checkpoint (none is embedded).
+    family='blip', (feddat.models.blip.BlipBackbone, tokenizer) from a BLIP checkpoint (None: the embedded one).
+    The embedded backbones' files are checked against their SHA256SUMS at every load.
 
     The model is returned frozen and in eval mode: FedDAT never trains the backbone.
     """
     if check_family(family) == "blip":
-        if path is None:
-            raise FedDATError("no BLIP weights ship with FedDAT (the embedded backbone is a ViLT): pass --model-path "
-                              "with a BLIP checkpoint, e.g. the backbone/ of `feddat pretrain --backbone blip`")
+        if path is None and not embedded_dir("blip").is_dir():
+            raise FedDATError(f"the embedded BLIP backbone is missing from {embedded_dir('blip')}; rebuild it with "
+                              "`feddat pretrain --backbone blip` (docs/pretraining.md) or pass --model-path")
         from feddat.models.blip import load_blip
 
-        return load_blip(path, device)
+        return load_blip(embedded_dir("blip") if path is None else path, device)
     source = EMBEDDED_DIR if path is None else path
     local = Path(source)
     if local.exists():

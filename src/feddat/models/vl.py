@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -99,16 +100,45 @@ def adapt_backbone(backbone, names: tuple[str, ...], reduction: int) -> AdaptedM
     return AdaptedModel(backbone, backbone.adapted_layers(), dim, names, dim // reduction)
 
 
+def compile_layers(backbone) -> None:
+    """torch.compile each encoder layer (with its adapter hook) in place: FedDAT runs the layers after the
+    first one itself (`pooled_features_of_views`), so compiling the whole model would leave them eager. The
+    modules, their parameters and state-dict keys stay the same; each layer compiles at its first call."""
+    if backbone_family(backbone) == "blip":
+        layers = [*backbone.vision_model.encoder.layers, *backbone.text_model.encoder.layer]
+    else:
+        layers = backbone.encoder.layer
+    for layer in layers:
+        layer.compile()
+
+
+def autocast(model: AdaptedModel):
+    """The context of the model's forward passes: torch.autocast to `model.autocast_dtype` (bfloat16 with
+    `precision="bf16"`) on the backbone's device, or nothing (fp32) when it is None."""
+    if model.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.backbone.parameters()).device.type, dtype=model.autocast_dtype)
+
+
+def _autocast_out(model: AdaptedModel, features: torch.Tensor) -> torch.Tensor:
+    """Features computed under `autocast` back in float32 (without autocast: untouched)."""
+    return features if model.autocast_dtype is None else features.float()
+
+
 def pooled_features(model: AdaptedModel, batch: dict) -> torch.Tensor:
     """The pooled [CLS] vector under the model's current view (for BLIP: the text encoder's [CLS] position):
-    (B, d), or (B, k, d) for a batch of image pairs or candidate texts (`ungroup`)."""
+    (B, d), or (B, k, d) for a batch of image pairs or candidate texts (`ungroup`). Computed under `autocast`,
+    returned in float32 (the head and the losses stay in float32)."""
     batch, k = ungroup(batch)
-    if backbone_family(model.backbone) == "blip":
-        from feddat.models import blip
+    with autocast(model):
+        if backbone_family(model.backbone) == "blip":
+            from feddat.models import blip
 
-        return _regroup(blip.encode(model.backbone, batch["input_ids"], batch["attention_mask"],
-                                    batch["pixel_values"])[1], k)
-    return _regroup(encode(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1], k)
+            pooled = blip.encode(model.backbone, batch["input_ids"], batch["attention_mask"],
+                                 batch["pixel_values"])[1]
+        else:
+            pooled = encode(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1]
+    return _regroup(_autocast_out(model, pooled), k)
 
 
 def pooled_features_of_views(model: AdaptedModel, batch: dict, views: tuple[str, ...],
@@ -124,11 +154,14 @@ def pooled_features_of_views(model: AdaptedModel, batch: dict, views: tuple[str,
     embeddings (`feddat.models.blip.pooled_features_of_views`).
     """
     batch, k = ungroup(batch)
-    if backbone_family(model.backbone) == "blip":
-        from feddat.models import blip
+    with autocast(model):
+        if backbone_family(model.backbone) == "blip":
+            from feddat.models import blip
 
-        return [_regroup(f, k) for f in blip.pooled_features_of_views(model, batch, views, stacked)]
-    return [_regroup(f, k) for f in _vilt_features_of_views(model, batch, views, stacked)]
+            features = blip.pooled_features_of_views(model, batch, views, stacked)
+        else:
+            features = _vilt_features_of_views(model, batch, views, stacked)
+    return [_regroup(_autocast_out(model, f), k) for f in features]
 
 
 def _vilt_features_of_views(model: AdaptedModel, batch: dict, views: tuple[str, ...],
