@@ -296,3 +296,21 @@ def test_parallel_jobs_give_the_sequential_table(base, compared, tmp_path):
     assert lines[0] == "6 runs to do, 2 at a time" and sum(": " in x and "(ran," in x for x in lines) == 6
     with pytest.raises(FedDATError, match="jobs must be a positive integer"):
         run_comparison(base, ["head-only"], [0], tmp_path, jobs=0)
+
+
+def test_table_of_many_clients_summarises_them():
+    """Past CLIENT_COLUMNS_UP_TO clients, table.md gives the median and 10th-percentile client, not 100 columns."""
+    from feddat.eval.compare import CLIENT_COLUMNS_UP_TO, markdown_table
+
+    def table(n):
+        clients = [f"part-{i:02d}" for i in range(n)]
+        row = {"status": "ok", "clients": {c: {"mean": i / (n - 1), "std": 0.0} for i, c in enumerate(clients)},
+               "avg_score": {"mean": 0.5, "std": 0.01}, "bytes_per_client_per_round": 100,
+               "trainable_params": 10, "communicated_params": 5}
+        return {"clients": clients, "seeds": [0, 1], "methods": {"m": row}}
+
+    wide = markdown_table(table(101)).splitlines()
+    assert wide[2].startswith("| method | median client | 10th-percentile client | average |")
+    assert wide[4].startswith("| m | 0.5000 | 0.1000 | 0.5000 ± 0.0100 |") and "part-00" not in wide[2]
+    narrow = markdown_table(table(CLIENT_COLUMNS_UP_TO)).splitlines()
+    assert "part-00" in narrow[2] and "median client" not in narrow[2]

@@ -24,6 +24,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from feddat.config import RunConfig
 from feddat.errors import FedDATError
 from feddat.eval.results import mean_and_se
@@ -360,20 +362,34 @@ def _count(n: int | None) -> str:
     return "n/a" if n is None else f"{n:,}"
 
 
+CLIENT_COLUMNS_UP_TO = 12  # more clients than this: table.md shows the spread over clients, not a column each
+
+
+def _spread(row: dict, clients: list[str]) -> list[str]:
+    """The median client's and the 10th-percentile client's score (each client's mean over seeds)."""
+    means = np.array([row["clients"][c]["mean"] for c in clients])
+    return [f"{np.median(means):.4f}", f"{np.percentile(means, 10):.4f}"]
+
+
 def markdown_table(table: dict) -> str:
     clients = table["clients"]
     seeds = ", ".join(map(str, table["seeds"]))
+    wide = len(clients) > CLIENT_COLUMNS_UP_TO
+    columns = ["median client", "10th-percentile client"] if wide else clients
     lines = [f"Final test score, mean ± std over seeds {seeds} (s.e. in table.json); parameters per client.", "",
-             "| method | " + " | ".join(clients) + " | average | trainable params | communicated params "
+             "| method | " + " | ".join(columns) + " | average | trainable params | communicated params "
              "| bytes/client/round |",
-             "|---" * (len(clients) + 5) + "|"]
+             "|---" * (len(columns) + 5) + "|"]
+    if wide:
+        lines[0] += (f" {len(clients)} clients: each client's mean over seeds, summarised by its median and 10th "
+                     "percentile; every client's score is in table.json.")
     notes = []
     for method, row in table["methods"].items():
         if row["status"] != "ok":
-            lines.append(f"| {method} | " + " | ".join("—" for _ in clients) + " | not run | — | — | — |")
+            lines.append(f"| {method} | " + " | ".join("—" for _ in columns) + " | not run | — | — | — |")
             notes.append(f"- {method} was not run: {row['reason']}")
             continue
-        cells = " | ".join(_pm(row["clients"][c]) for c in clients)
+        cells = " | ".join(_spread(row, clients) if wide else [_pm(row["clients"][c]) for c in clients])
         if row["bytes_per_client_per_round"] is None:
             sent = f"n/a (raw data: {row['raw_data_bytes_per_client']:,} B once)"
         else:
