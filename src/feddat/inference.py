@@ -282,6 +282,13 @@ def load_client(run_dir: str | Path, client: str, model_path: str | Path | None 
     return ClientModel(_build(meta, model, tokenizer, device), tokenizer, meta, tensors, where)
 
 
+def _check_clients(wanted: Sequence[str], there: Sequence[str], benchmark: str, data_dir: str | None) -> None:
+    missing = [n for n in wanted if n not in there]
+    if missing:
+        raise FedDATError(f"{benchmark}{f' in {data_dir}' if data_dir else ''} has no client {', '.join(missing)} "
+                          f"(its clients: {', '.join(there)}); pick one with --client")
+
+
 def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, model_path: str | Path | None = None,
                  cache_dir: str | Path | None = None, device: str = "cpu", progress: bool = False,
                  family: str | None = None, data_dir: str | Path | None = None, benchmark: str | None = None,
@@ -325,21 +332,14 @@ def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, mode
             there = _replace(cfg, benchmark=bench, data_dir=where_data, partition="natural", clients=0).validate()
         except FedDATError as e:
             raise FedDATError(f"cannot score on {bench}{f' in {where_data}' if where_data else ''}: {e}") from None
-        missing = [n for n in names if n not in there.client_names()]
-        if missing:
-            raise FedDATError(f"{bench}{f' in {where_data}' if where_data else ''} has no client "
-                              f"{', '.join(missing)} (its clients: {', '.join(there.client_names())}); pick one "
-                              "with --client")
+        _check_clients(names, there.client_names(), bench, where_data)  # before reading any data
     real = RealData(where_data, int(backbone.config.image_size), skip_bad or cfg.skip_bad_records,
                     progress) if where_data else None
     loaded = load_benchmark(bench, cfg.seed, cfg.sizes, tokenizer, backbone.config.max_position_embeddings, cache,
                             partition=None if other else cfg.partition_spec, real=real,
                             label_spaces={n: saved[n][1]["answers"] for n in names} if other else None)
     data = {c.name: c for c in loaded}
-    missing = [n for n in names if n not in data]
-    if missing:
-        raise FedDATError(f"{bench}{f' in {where_data}' if where_data else ''} has no client {', '.join(missing)} "
-                          f"(its clients: {', '.join(data)}); pick one with --client")
+    _check_clients(names, list(data), bench, where_data)
     worker = _build(first_meta, backbone, tokenizer, device)
     method = get_method(cfg.method)
     views = reported_views(method)
