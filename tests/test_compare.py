@@ -225,10 +225,11 @@ def test_final_report_holds_validation_scores_beside_unchanged_test_scores(compa
 
 @pytest.mark.integration
 def test_tune_picks_the_setting_best_on_validation(base, tmp_path):
-    """lr_head 1e-9 leaves the head where it started; 0.05 learns: the search must pick 0.05."""
+    """lr_head 1e-9 leaves the head where it started; 0.05 learns: the search must pick 0.05 (its runs made
+    by worker processes, --jobs 2)."""
     grid = parse_grid(["lr_head=1e-9,0.05"])
     search = run_tune(replace(base, rounds=3, val_per_client=32), ["head-only"], grid, [0], tmp_path,
-                      progress=False, log=lambda line: None)
+                      progress=False, log=lambda line: None, jobs=2)
     info = search["methods"]["head-only"]
     assert search["grid_size"] == 2 and info["best"] == {"lr_head": 0.05}
     vals = [s["val_avg_score"]["mean"] for s in info["settings"]]

@@ -320,7 +320,7 @@ def cmd_tune(args) -> int:
     base = _comparison_base(args, "tune")
     grid = parse_grid(args.grid)
     search = run_tune(base, methods, grid, parse_seeds(args.seeds), Path(args.out),
-                      progress=not args.quiet)
+                      progress=not args.quiet, jobs=args.jobs)
     for m, info in search["methods"].items():
         best = ", ".join(f"{k}={v}" for k, v in info["best"].items()) if info["best"] else "none could run"
         print(f"{m}: best {best}")
@@ -498,6 +498,8 @@ def parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", required=True, help="directory for <setting>/<method>/seed<k>/, tune.md and tune.json")
     tune.add_argument("--config", help="JSON file of config values shared by every run (flags win)")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.add_argument("--jobs", type=int, default=1, help="runs of a grid point at once (its methods x seeds), "
+                      "each in its own process with cores/jobs threads (default: 1)")
     _add_run_options(tune)
     tune.set_defaults(func=cmd_tune)
 

@@ -55,9 +55,10 @@ def point_name(point: dict[str, Any]) -> str:
 
 
 def run_tune(base: RunConfig, methods: list[str], grid: dict[str, list[Any]], seeds: list[int], out: Path,
-             progress: bool = True, log: Callable[[str], None] = print, runner: Runner | None = None) -> dict:
-    """Run every grid point for every method and seed; write DIR/tune.json and DIR/tune.md; return the
-    search as data."""
+             progress: bool = True, log: Callable[[str], None] = print, runner: Runner | None = None,
+             jobs: int = 1) -> dict:
+    """Run every grid point for every method and seed (`jobs` runs of a point at once, as in
+    `run_comparison`); write DIR/tune.json and DIR/tune.md; return the search as data."""
     out = Path(out)
     points = grid_points(grid)
     search: dict[str, Any] = {
@@ -68,7 +69,7 @@ def run_tune(base: RunConfig, methods: list[str], grid: dict[str, list[Any]], se
     for k, point in enumerate(points, 1):
         log(f"grid point {k}/{len(points)}: {point_name(point)}")
         table = run_comparison(replace(base, **point), methods, seeds, out / point_name(point), progress, log,
-                               runner)
+                               runner, jobs)
         for m in methods:
             row = table["methods"][m]
             entry: dict[str, Any] = {"setting": point, "dir": point_name(point), "status": row["status"]}

@@ -68,6 +68,19 @@ def evaluate_all(setup: Setup, states: dict[str, State], global_state: State | N
     return {c.name: evaluate_client(setup, c, states[c.name], global_state, views, split) for c in setup.clients}
 
 
+def evaluate_round(setup: Setup, states, global_state: State | None, r: int, bar) -> tuple[dict | None, dict | None]:
+    """(scores of the predicting view per client, or None when round `r` is not scored; the evaluations over
+    every reported view when `r` is the last round, which the final report then reuses rather than redoes)."""
+    cfg, method = setup.cfg, setup.worker.method
+    last = r + 1 == cfg.rounds
+    if not (last or (r + 1) % cfg.eval_every == 0):
+        return None, None
+    evals = evaluate_all(setup, states, global_state, reported_views(method) if last else None)
+    scores = {c: e[method.predict_view]["score"] for c, e in evals.items()}
+    bar.write(f"round {r + 1}: mean test score {sum(scores.values()) / len(scores):.4f}")
+    return scores, evals if last else None
+
+
 def reported_views(method) -> tuple[str, ...]:
     """The views the final report scores: the predicting one first, then those reported for information."""
     return (method.predict_view,) + method.report_views
@@ -89,10 +102,13 @@ def finish_history(history: History, method, evals: dict[str, dict], wall: float
     )
 
 
-def final_report(setup: Setup, history: History, states, global_state, wall: float) -> None:
+def final_report(setup: Setup, history: History, states, global_state, wall: float,
+                 evals: dict[str, dict] | None = None) -> None:
+    """`evals`: the test evaluations over `reported_views` of these very states, when the caller has them."""
     method = setup.worker.method
     val_evals = evaluate_all(setup, states, global_state, (method.predict_view,), split="val")  # for tuning
-    evals = evaluate_all(setup, states, global_state, reported_views(method))
+    if evals is None:
+        evals = evaluate_all(setup, states, global_state, reported_views(method))
     finish_history(history, method, evals, wall, val_evals)
 
 
@@ -157,9 +173,11 @@ def open_client_states(setup: Setup):
         index[name], clients[index[name]].head_spec, cfg.seed))
 
 
-def finish_run(setup: Setup, history: History, states, global_state, out_dir: Path | None, t_start: float) -> dict:
-    """The final evaluation and report, then (with an out dir) every client's model and results.json."""
-    final_report(setup, history, states, global_state, time.time() - t_start)
+def finish_run(setup: Setup, history: History, states, global_state, out_dir: Path | None, t_start: float,
+               evals: dict[str, dict] | None = None) -> dict:
+    """The final evaluation and report (reusing the last round's `evals` when given), then (with an out dir)
+    every client's model and results.json."""
+    final_report(setup, history, states, global_state, time.time() - t_start, evals)
     if out_dir is not None:
         save_client_models(setup, out_dir, states, global_state)
         history.save(out_dir)
@@ -219,6 +237,7 @@ def _rounds(setup: Setup, states, out_dir: Path | None, progress: bool, tracker,
     steps = sum(worker.steps_per_round(len(clients[i].train)) for r in range(first, cfg.rounds)
                 for i in round_clients(cfg, len(clients), r))
     bar = tqdm(total=steps, desc=f"{cfg.method}", unit="step", disable=not progress)
+    final_evals = None  # stays None when a resumed run has no round left: the report then scores afresh
     if resume is not None:
         bar.write(f"resuming after round {first} from {resume.path}")
     for r in range(first, cfg.rounds):
@@ -239,11 +258,7 @@ def _rounds(setup: Setup, states, out_dir: Path | None, progress: bool, tracker,
                 break
             pending = [i for i in order if names[i] in collector.to_retry()]
         global_state = collector.aggregate()
-        scores = None
-        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-            evals = evaluate_all(setup, states, global_state)
-            scores = {c: e[worker.method.predict_view]["score"] for c, e in evals.items()}
-            bar.write(f"round {r + 1}: mean test score {sum(scores.values()) / len(scores):.4f}")
+        scores, final_evals = evaluate_round(setup, states, global_state, r, bar)
         extra = collector.extra()
         if cfg.samples_clients:
             extra["sampled_clients"] = [names[i] for i in sampled]
@@ -252,4 +267,4 @@ def _rounds(setup: Setup, states, out_dir: Path | None, progress: bool, tracker,
             save_checkpoint(out_dir, r + 1, cfg.to_dict(), global_state, states, order_rng.bit_generator.state,
                             history.data)
     bar.close()
-    return finish_run(setup, history, states, global_state, out_dir, t_start)
+    return finish_run(setup, history, states, global_state, out_dir, t_start, final_evals)

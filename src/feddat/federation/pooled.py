@@ -61,7 +61,7 @@ def run_pooled(setup, states, out_dir: Path | None, progress: bool, tracker, t_s
                resume: Checkpoint | None) -> dict:
     """Train a pooled method on every client's training data at once; score, checkpoint and report as the
     in-process engine does for the federated methods."""
-    from feddat.federation.inprocess import evaluate_all, finish_run, restore
+    from feddat.federation.inprocess import evaluate_round, finish_run, restore
 
     cfg, worker, clients = setup.cfg, setup.worker, setup.clients
     method, local = worker.method, worker.local
@@ -82,6 +82,7 @@ def run_pooled(setup, states, out_dir: Path | None, progress: bool, tracker, t_s
     epochs = method.local_epochs(local)
     steps_per_round = epochs * -(-n // local.batch_size)
     bar = tqdm(total=steps_per_round * (cfg.rounds - first), desc=cfg.method, unit="step", disable=not progress)
+    final_evals = None
     if resume is not None:
         bar.write(f"resuming after round {first} from {resume.path}")
     for r in range(first, cfg.rounds):
@@ -107,15 +108,11 @@ def run_pooled(setup, states, out_dir: Path | None, progress: bool, tracker, t_s
         global_state = {k: v.detach().cpu() for k, v in method.shared_state(worker.model).items()}
         for c, h in zip(clients, heads):
             states[c.name] = {f"head.{k}": v.detach().cpu().clone() for k, v in h.state_dict().items()}
-        scores = None
-        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-            evals = evaluate_all(setup, states, global_state)
-            scores = {c: e[method.predict_view]["score"] for c, e in evals.items()}
-            bar.write(f"round {r + 1}: mean test score {sum(scores.values()) / len(scores):.4f}")
+        scores, final_evals = evaluate_round(setup, states, global_state, r, bar)
         train = {"pooled": {"loss": sum(losses) / max(len(losses), 1), "num_examples": n}}
         history.add_round(r, train, scores, {c: 0 for c in names}, time.time() - t_round)
         if out_dir is not None:
             save_checkpoint(out_dir, r + 1, cfg.to_dict(), global_state, states, order_rng.bit_generator.state,
                             history.data)
     bar.close()
-    return finish_run(setup, history, states, global_state, out_dir, t_start)
+    return finish_run(setup, history, states, global_state, out_dir, t_start, final_evals)
