@@ -408,16 +408,21 @@ def plot_comparison(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, row in table["methods"].items():
+    colours = plt.get_cmap("tab20").colors
+    styles, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D", "v")
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    for k, (method, row) in enumerate(table["methods"].items()):
         if row["status"] == "ok" and row["curve"]["rounds"]:
-            ax.plot(row["curve"]["rounds"], row["curve"]["avg_score"], marker="o", ms=3, label=method)
+            # a colour, line style and marker of its own for each method, so twenty lines stay apart
+            ax.plot(row["curve"]["rounds"], row["curve"]["avg_score"], color=colours[k % len(colours)],
+                    linestyle=styles[k // len(colours) % len(styles)], marker=markers[k % len(markers)], ms=4,
+                    lw=2.5 if method == "feddat" else 1.3, label=method)
     ax.set_xlabel("round")
     ax.set_ylabel("average test score (mean over seeds)")
     ax.set_title(f"{table['benchmark']}, seeds {', '.join(map(str, table['seeds']))}")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
