@@ -25,13 +25,15 @@ TINY = dict(rounds=2, train_per_client=32, val_per_client=8, test_per_client=32,
 
 
 def _run_capturing(cfg: RunConfig, out: Path) -> tuple[dict, dict]:
-    """Run with out dir; also return each client's last Worker.evaluate output (the final report's)."""
+    """Run with out dir; also return each client's last Worker.evaluate output on its test split (the final
+    report's)."""
     captured: dict[str, dict] = {}
     original = Worker.evaluate
 
-    def spy(self, data, *args, **kwargs):
-        result = original(self, data, *args, **kwargs)
-        captured[data.name] = result
+    def spy(self, data, state, global_state, split="test", *args, **kwargs):
+        result = original(self, data, state, global_state, split, *args, **kwargs)
+        if split == "test":
+            captured[data.name] = result
         return result
 
     with pytest.MonkeyPatch.context() as mp:
