@@ -65,7 +65,7 @@ def test_cli_run_writes_results_and_curves(tiny_config, tmp_path, capsys):
     (["--aggregation", "mean"], "aggregation must be one of"),
     (["--aggregation", "krum", "--byzantine", "2"], "krum needs n > 2f + 2 clients"),
     (["--aggregation", "bulyan"], "bulyan needs n >= 4f + 3 clients"),
-    (["--train-per-client", "0"], "train-per-client must be a positive integer"),
+    (["--train-per-client", "-1"], "train-per-client must be a positive integer (or 0: the benchmark's default)"),
     (["--fault-injection", "explode:night"], "unknown kind 'explode'"),
     (["--dp-noise-multiplier", "1"], "dp-noise-multiplier needs dp-clip > 0"),
     (["--model-path", "/nonexistent/vilt"], "could not load a ViLT backbone"),

@@ -256,3 +256,24 @@ def test_task_records_are_deterministic_and_cached(tmp_path):
                     assert np.array_equal(a.image_index2, r.image_index2)
     other = client_records("task", 4, sizes)
     assert other["pair"]["train"].questions != fresh["pair"]["train"].questions
+
+
+def test_split_sizes_default_to_the_benchmarks_own(capsys):
+    """0 (the default) takes the benchmark's sizes: Task's clients half the items of the others (its items cost
+    two backbone passes on average); given sizes are kept, for every way a config arrives."""
+    from feddat.config import RunConfig
+    from feddat.data.benchmarks import Sizes, default_sizes
+    from feddat.federation.flower_app import config_from_values
+
+    assert default_sizes("task") == Sizes(200, 100, 500) and default_sizes("domain") == Sizes(400, 200, 1000)
+    assert RunConfig(benchmark="task").validate().sizes == Sizes(200, 100, 500)
+    assert RunConfig(benchmark="scene").validate().sizes == Sizes(400, 200, 1000)
+    assert RunConfig(benchmark="task", test_per_client=64).validate().sizes == Sizes(200, 100, 64)
+    tomled, _ = config_from_values({"benchmark": "task", "train-per-client": 0, "val-per-client": 0,
+                                    "test-per-client": 0})
+    assert tomled.sizes == Sizes(200, 100, 500)
+    with pytest.raises(FedDATError, match=r"val-per-client must be a positive integer \(or 0"):
+        RunConfig(benchmark="task", val_per_client=-3).validate()
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert "Task's 200/100/500" in capsys.readouterr().out

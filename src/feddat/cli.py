@@ -23,8 +23,10 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         kind = _boolean if isinstance(default, bool) else type(default) if default is not None else str
         if f.name == "clients_per_round":
             kind = _count_or_fraction
+        note = " = the benchmark's: 400/200/1000 per client, Task's 200/100/500" if f.name.endswith("_per_client") \
+            else ""
         p.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
-                       help=f"(default: {default})")
+                       help=f"(default: {default}{note})")
 
 
 def _count_or_fraction(text: str) -> int | float:
@@ -343,11 +345,11 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from feddat.data.benchmarks import Sizes
+    from feddat.data.benchmarks import resolve_sizes
     from feddat.data.report import stats_table, write_report
     from feddat.federation.inprocess import default_cache_dir
 
-    sizes = Sizes(args.train_per_client, args.val_per_client, args.test_per_client)
+    sizes = resolve_sizes(args.benchmark, args.train_per_client, args.val_per_client, args.test_per_client)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     records, written = None, []
     if args.data_dir:  # the paper's benchmark over the real datasets in --data-dir (docs/datasets.md)
@@ -462,11 +464,9 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--benchmark", default="domain")
     data.add_argument("--out", required=True, help="directory for samples_<client>.png and stats.json")
     data.add_argument("--seed", type=int, default=0)
-    from feddat.data.benchmarks import Sizes
-
     for split in ("train", "val", "test"):
-        data.add_argument(f"--{split}-per-client", dest=f"{split}_per_client", type=int,
-                          default=getattr(Sizes(), split), help=f"(default: {getattr(Sizes(), split)})")
+        data.add_argument(f"--{split}-per-client", dest=f"{split}_per_client", type=int, default=0,
+                          help="(default: 0 = the benchmark's: 400/200/1000 per client, Task's 200/100/500)")
     data.add_argument("--cache-dir", dest="cache_dir", help="benchmark cache (default: ~/.cache/feddat)")
     data.add_argument("--data-dir", dest="data_dir", help="read the benchmark's real datasets from this directory "
                       "(layout: docs/datasets.md) instead of generating it; also writes records/<client>/<split>.jsonl")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from feddat.algorithms.base import LocalConfig
-from feddat.data.benchmarks import BENCHMARKS, Sizes
+from feddat.data.benchmarks import BENCHMARKS, Sizes, resolve_sizes
 from feddat.errors import FedDATError
 from feddat.federation.aggregate import AGGREGATIONS, MEAN_RULES, bulyan_minimum, krum_minimum
 
@@ -66,9 +66,9 @@ class RunConfig:
     secure_aggregation: bool = False    # Flower: SecAgg+ for the shared adapter (the server sees only the mean)
     eval_frozen: str = "newest"         # DAT at prediction: newest aggregate, or the copy from the last round
     eval_every: int = 1
-    train_per_client: int = 400
-    val_per_client: int = 200
-    test_per_client: int = 1000
+    train_per_client: int = 0           # records per client in each split; 0 = the benchmark's default
+    val_per_client: int = 0             # (feddat.data.benchmarks.default_sizes: 400 / 200 / 1000, Task's
+    test_per_client: int = 0            # 200 / 100 / 500), filled in by validate()
     engine: str = "inprocess"
     model_path: str | None = None       # None = the embedded backbone
     backbone: str = "vilt"              # vilt (single-stream) or blip (dual-stream); both ship a small one
@@ -101,12 +101,15 @@ class RunConfig:
         if self.method not in METHODS:
             raise FedDATError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)} "
                               "(`feddat methods` lists them)")
+        sizes = resolve_sizes(self.benchmark, self.train_per_client, self.val_per_client, self.test_per_client)
+        self.train_per_client, self.val_per_client, self.test_per_client = sizes.train, sizes.val, sizes.test
         for name in ("rounds", "local_epochs", "batch_size", "reduction", "eval_every", "train_per_client",
                      "val_per_client", "test_per_client",
                      "fedrep_head_epochs", "lora_rank", "prompt_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise FedDATError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
+                zero = " (or 0: the benchmark's default)" if name.endswith("_per_client") else ""
+                raise FedDATError(f"{name.replace('_', '-')} must be a positive integer{zero}, got {v!r}")
         for name in ("lr_adapter", "lr_head", "kd_temperature", "lr_backbone", "lora_alpha"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):

@@ -168,6 +168,24 @@ class Sizes:
                 raise FedDATError(f"{k}-per-client must be a positive integer, got {v!r}")
 
 
+# A benchmark's per-client split sizes when a run leaves them at 0. Task's items cost two backbone passes on
+# average (an image pair two, a four-way choice four), so its clients get half the items: the same compute per
+# client as the other benchmarks' (docs/benchmarks.md, "Sizes").
+BENCHMARK_SIZES = {"task": Sizes(200, 100, 500)}
+
+
+def default_sizes(benchmark: str) -> Sizes:
+    """The split sizes per client that `benchmark` uses by default."""
+    return BENCHMARK_SIZES.get(benchmark, Sizes())
+
+
+def resolve_sizes(benchmark: str, train: int, val: int, test: int) -> Sizes:
+    """The sizes given, with each 0 replaced by the benchmark's default (`default_sizes`)."""
+    d = default_sizes(benchmark)
+    return Sizes(*(d_v if v == 0 and not isinstance(v, bool) else v
+                   for v, d_v in ((train, d.train), (val, d.val), (test, d.test))))
+
+
 def _client_records(spec, seed: int, index: int, sizes: Sizes) -> dict[str, Records]:
     if not isinstance(spec, ClientSpec):  # the Function and Scene benchmarks' specs generate their own records
         return spec.records(seed, index, sizes)
