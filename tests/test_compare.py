@@ -180,6 +180,49 @@ def test_methods_all_covers_every_registered_method_and_says_which_cannot_run(ba
         resolve_methods("feddat,nope")
 
 
+def _crash_while_marked(cfg, run_dir, progress, resume=None):
+    """A runner (module level: --jobs pickles it) that writes fake results, except that fedavg-adapter seed 1
+    raises while the comparison directory holds a file named `broken`."""
+    if (cfg.method, cfg.seed) == ("fedavg-adapter", 1) and (run_dir.parent.parent / "broken").exists():
+        raise ValueError("only one element tensors can be converted to Python scalars")
+    results = _fake_results(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(results))
+    return results
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_crashing_run_leaves_the_others_and_is_redone_by_the_same_command(base, tmp_path, jobs):
+    """An unexpected error in one run: the method's other seeds and the other methods still finish, the row
+    says which seed failed and why, error.txt keeps the traceback, the command ends in an error; run again,
+    only the failed run is redone."""
+    (tmp_path / "broken").touch()
+    lines = []
+    with pytest.raises(FedDATError, match=r"1 run\(s\) failed \(fedavg-adapter seed 1\)"):
+        run_comparison(base, ["fedavg-adapter", "head-only"], [0, 1, 2], tmp_path, progress=False,
+                       log=lines.append, runner=_crash_while_marked, jobs=jobs)
+    done = sorted(tmp_path.glob("*/seed*/results.json"))
+    assert len(done) == 5 and not (tmp_path / "fedavg-adapter" / "seed1" / "results.json").exists()
+    error = tmp_path / "fedavg-adapter" / "seed1" / "error.txt"
+    assert "ValueError: only one element tensors" in error.read_text() and "Traceback" in error.read_text()
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["methods"]["fedavg-adapter"]["status"] == "unavailable"
+    assert "seed 1 failed: ValueError" in table["methods"]["fedavg-adapter"]["reason"]
+    assert table["methods"]["head-only"]["status"] == "ok"
+    assert "fedavg-adapter did not finish: seed 1 failed" in (tmp_path / "table.md").read_text()
+    assert any("fedavg-adapter seed 1: failed: ValueError" in line for line in lines)
+
+    (tmp_path / "broken").unlink()
+    before = {p: p.stat().st_mtime_ns for p in done}
+    lines = []
+    table = run_comparison(base, ["fedavg-adapter", "head-only"], [0, 1, 2], tmp_path, progress=False,
+                           log=lines.append, runner=_crash_while_marked, jobs=jobs)
+    assert {p: p.stat().st_mtime_ns for p in done} == before  # reused, not redone
+    assert sum("(ran," in line for line in lines) == 1 and any("fedavg-adapter seed 1: 0.1100 (ran" in line
+                                                              for line in lines)
+    assert table["methods"]["fedavg-adapter"]["status"] == "ok" and not error.exists()
+
+
 def test_centralised_step_pools_clients_and_trains_each_clients_head(base):
     """One pooled mini-batch holds samples of several clients: the adapter and the heads of exactly those
     clients move, another client's head does not."""

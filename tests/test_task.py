@@ -277,3 +277,26 @@ def test_split_sizes_default_to_the_benchmarks_own(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     assert "Task's 200/100/500" in capsys.readouterr().out
+
+
+def test_pooled_run_on_task_counts_each_tasks_raw_data(tiny_config):
+    """The centralised reference on Task: soft-scored VQA labels, image pairs and candidate lists all count in
+    the raw data its clients would have to send (each image once, the second of a pair too)."""
+    from feddat.data.benchmarks import client_records
+
+    cfg = tiny_config(benchmark="task", method="centralised-adapter", rounds=1, train_per_client=8,
+                      val_per_client=4, test_per_client=8)
+    res = run(cfg, progress=False)
+    raw = res["communication"]["raw_data_bytes"]
+    recs = {c: s["train"] for c, s in client_records("task", cfg.seed, cfg.sizes, Path(cfg.cache_dir)).items()}
+    for name, r in recs.items():
+        used = set(r.image_index.tolist()) | set(r.image_index2.tolist() if r.image_index2 is not None else [])
+        expected = len(used) * 3 * 48 * 48 + sum(len(q.encode()) for q in r.questions)
+        if name == "choice":
+            expected += sum(len(c.encode()) for cands in r.candidates for c in cands) + len(r.questions)  # "A".."D"
+        elif name == "vqa":
+            labels = res["label_spaces"][name]
+            expected += sum(len(a.encode()) for ann in r.annotator_answers for a in set(ann) if a in labels)
+        else:
+            expected += sum(len(a.encode()) for a in r.answers)
+        assert raw[name] == expected, name

@@ -116,6 +116,7 @@ class Split:
     shifted: np.ndarray          # bool: the question uses a word this client gives another meaning
     synonym: np.ndarray          # bool: the question uses a word absent from pretraining
     image_index2: torch.Tensor | None = None  # image pairs: each statement's second image
+    candidates: list[list[str]] | None = None  # multiple choice: each question's candidate answers
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -346,7 +347,8 @@ def _to_split(r: Records, tokenizer, text_len: int, lookup: dict[str, int]) -> S
         else:
             labels = torch.tensor([lookup.get(a, -1) for a in r.answers])
     return Split(ids, mask, pixel_tensor(r.images), torch.as_tensor(r.image_index), labels, np.asarray(r.qtypes),
-                 list(r.questions), np.asarray(r.shifted, dtype=bool), np.asarray(r.synonym, dtype=bool), index2)
+                 list(r.questions), np.asarray(r.shifted, dtype=bool), np.asarray(r.synonym, dtype=bool), index2,
+                 [list(c) for c in r.candidates] if r.task == "choice" else None)
 
 
 def load_benchmark(benchmark: str, seed: int, sizes: Sizes, tokenizer, text_len: int,

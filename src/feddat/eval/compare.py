@@ -102,6 +102,11 @@ class CannotRun(FedDATError):
     """A method refused by its run (not by a conflict with a saved run): its row says why."""
 
 
+class RunFailed(CannotRun):
+    """A run that stopped on an unexpected error: the other runs go on, its row says so, the traceback is in
+    its directory's error.txt, and the comparison ends in an error once the table is written."""
+
+
 def _default_runner(cfg: RunConfig, out_dir: Path, progress: bool, resume=None) -> dict:
     from feddat.federation.inprocess import run
 
@@ -148,6 +153,14 @@ def run_one(cfg: RunConfig, run_dir: Path, progress: bool, runner: Runner) -> tu
         result = runner(cfg, run_dir, progress, resume=ck) if ck is not None else runner(cfg, run_dir, progress)
     except FedDATError as e:
         raise CannotRun(str(e)) from e
+    except Exception as e:  # a bug or a broken machine: keep the traceback, let the other runs go on
+        import traceback
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        raise RunFailed(f"failed: {type(e).__name__}: {e} (traceback in {run_dir / 'error.txt'}; the same command "
+                        "runs it again)") from e
+    (run_dir / "error.txt").unlink(missing_ok=True)
     return result, "resumed" if ck is not None else "ran"
 
 
@@ -180,11 +193,17 @@ def run_comparison(base: RunConfig, methods: list[str], seeds: list[int], out: P
     to_do = sum(not finished(*key) for key in work)
     took: list[float] = []
     results: dict[tuple[str, int], dict] = {}
+    failed: dict[tuple[str, int], str] = {}
 
     def record(k: int, key: tuple[str, int], outcome, seconds: float, fresh: bool) -> None:
         nonlocal to_do
         method, seed = key
         head = f"[{k}/{len(work)}] {method} seed {seed}"
+        if isinstance(outcome, RunFailed):  # its method's other seeds still run: a rerun redoes only this one
+            failed[key] = str(outcome)
+            to_do -= fresh
+            log(f"{head}: {outcome}")
+            return
         if isinstance(outcome, CannotRun):
             unavailable[method] = str(outcome)
             log(f"{head}: cannot run: {outcome}")
@@ -229,12 +248,18 @@ def run_comparison(base: RunConfig, methods: list[str], seeds: list[int], out: P
                 if key[0] in unavailable and not isinstance(outcome, CannotRun):
                     continue
                 record(k, key, outcome, seconds, fresh)
+    for (method, seed), reason in failed.items():
+        unavailable.setdefault(method, f"seed {seed} {reason}")
     runs: dict[str, list[dict]] = {}
     for key in work:  # in the plan's order, whatever order they finished in
         if key in results and key[0] not in unavailable:
             runs.setdefault(key[0], []).append(results[key])
     table = summarise(runs, unavailable, methods, base)
     write_table(table, out)
+    if failed:
+        which = ", ".join(f"{m} seed {s}" for m, s in failed)
+        raise FedDATError(f"{len(failed)} run(s) failed ({which}); the others are in {out / 'table.md'}, and the "
+                          "same command runs the failed ones again (their error.txt has the traceback)")
     return table
 
 
@@ -387,7 +412,8 @@ def markdown_table(table: dict) -> str:
     for method, row in table["methods"].items():
         if row["status"] != "ok":
             lines.append(f"| {method} | " + " | ".join("—" for _ in columns) + " | not run | — | — | — |")
-            notes.append(f"- {method} was not run: {row['reason']}")
+            done = "did not finish" if " failed: " in row["reason"] else "was not run"
+            notes.append(f"- {method} {done}: {row['reason']}")
             continue
         cells = " | ".join(_spread(row, clients) if wide else [_pm(row["clients"][c]) for c in clients])
         if row["bytes_per_client_per_round"] is None:

@@ -28,12 +28,18 @@ from feddat.models.vl import AnswerHead, make_head
 
 
 def raw_data_bytes(client: ClientData) -> int:
-    """The size of a client's raw training data: its images (uint8, H x W x 3), questions and answers."""
+    """The size of a client's raw training data: its images (uint8, H x W x 3; both of an image pair), questions
+    (and a multiple-choice question's candidates) and answers (VQA with annotators: each distinct answer they
+    gave, the answers with a soft score above 0)."""
     split = client.train
-    images = split.image_index.unique()
-    pixels = int(split.pixels[images].numel())
+    used = split.image_index if split.image_index2 is None else torch.cat([split.image_index, split.image_index2])
+    pixels = int(split.pixels[used.unique()].numel())
     text = sum(len(q.encode()) for q in split.questions)
-    answers = sum(len(client.answers[int(y)].encode()) for y in split.labels if int(y) >= 0)
+    text += sum(len(c.encode()) for cands in split.candidates or () for c in cands)
+    if split.labels.is_floating_point():  # (n, answers) soft scores
+        answers = sum(len(client.answers[int(a)].encode()) for a in split.labels.nonzero()[:, 1])
+    else:
+        answers = sum(len(client.answers[int(y)].encode()) for y in split.labels if int(y) >= 0)
     return pixels + text + answers
 
 
