@@ -22,11 +22,12 @@ def test_flower_app_config_is_valid_and_matches_runconfig():
     load_and_validate(pyproject, check_module=True)
     values = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
     cfg, out = config_from_values(values)
-    assert cfg == RunConfig() and out is None
+    assert cfg == RunConfig().validate() and out is None  # validate() fills in the benchmark's split sizes
+    assert (cfg.train_per_client, values["train-per-client"]) == (400, 0)
     fields = {k.replace("_", "-") for k in RunConfig().to_dict()} - {"engine"}  # engine: flwr run is Flower
     assert fields <= values.keys(), f"missing from pyproject's Flower config: {sorted(fields - values.keys())}"
     custom = RunConfig(method="fedavg-adapter", rounds=3, model_path="/x", lr_adapter=1e-4, engine="flower")
-    assert config_from_values(dict(config_to_record(custom)))[0] == custom
+    assert config_from_values(dict(config_to_record(custom)))[0] == custom.validate()
     assert client_index({"partition-id": 2, "num-partitions": 5}, 5) == 2
     assert client_index({"client-id": 4}, 5) == 4
     for bad in ({}, {"client-id": 5}, {"client-id": "x"}):
