@@ -276,7 +276,7 @@ def test_split_sizes_default_to_the_benchmarks_own(capsys):
         RunConfig(benchmark="task", val_per_client=-3).validate()
     with pytest.raises(SystemExit):
         main(["run", "--help"])
-    assert "Task's 200/100/500" in capsys.readouterr().out
+    assert "task's 200/100/500" in capsys.readouterr().out
 
 
 def test_pooled_run_on_task_counts_each_tasks_raw_data(tiny_config):

@@ -15,6 +15,7 @@ from feddat.errors import FedDATError
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     from feddat.config import RunConfig
+    from feddat.data.benchmarks import sizes_help
 
     defaults = RunConfig()
     for f in fields(RunConfig):
@@ -23,8 +24,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         kind = _boolean if isinstance(default, bool) else type(default) if default is not None else str
         if f.name == "clients_per_round":
             kind = _count_or_fraction
-        note = " = the benchmark's: 400/200/1000 per client, Task's 200/100/500" if f.name.endswith("_per_client") \
-            else ""
+        note = f" = the benchmark's: {sizes_help()}" if f.name.endswith("_per_client") else ""
         p.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
                        help=f"(default: {default}{note})")
 
@@ -392,6 +392,7 @@ def cmd_deploy(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from feddat.data.benchmarks import sizes_help
     from feddat.models.backbone import BACKBONES
 
     p = argparse.ArgumentParser(prog="feddat", description=__doc__)
@@ -466,7 +467,7 @@ def parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0)
     for split in ("train", "val", "test"):
         data.add_argument(f"--{split}-per-client", dest=f"{split}_per_client", type=int, default=0,
-                          help="(default: 0 = the benchmark's: 400/200/1000 per client, Task's 200/100/500)")
+                          help=f"(default: 0 = the benchmark's: {sizes_help()})")
     data.add_argument("--cache-dir", dest="cache_dir", help="benchmark cache (default: ~/.cache/feddat)")
     data.add_argument("--data-dir", dest="data_dir", help="read the benchmark's real datasets from this directory "
                       "(layout: docs/datasets.md) instead of generating it; also writes records/<client>/<split>.jsonl")

@@ -180,6 +180,12 @@ def default_sizes(benchmark: str) -> Sizes:
     return BENCHMARK_SIZES.get(benchmark, Sizes())
 
 
+def sizes_help() -> str:
+    """What a size of 0 means, for command-line help: '400/200/1000 per client, task's 200/100/500'."""
+    fmt = lambda z: f"{z.train}/{z.val}/{z.test}"
+    return f"{fmt(Sizes())} per client" + "".join(f", {b}'s {fmt(z)}" for b, z in BENCHMARK_SIZES.items())
+
+
 def resolve_sizes(benchmark: str, train: int, val: int, test: int) -> Sizes:
     """The sizes given, with each 0 replaced by the benchmark's default (`default_sizes`)."""
     d = default_sizes(benchmark)
