@@ -56,7 +56,7 @@ def measure(n: int, opts, out: Path, env: dict) -> dict:
     values = dict(benchmark=opts.benchmark, partition="dirichlet", num_clients=n, partition_alpha=opts.alpha,
                   clients_per_round=opts.per_round, rounds=opts.rounds, eval_every=opts.rounds, seed=opts.seed,
                   train_per_client=train, val_per_client=val, test_per_client=test, threads=opts.threads,
-                  cache_dir=str(out / "cache"))
+                  cache_dir=str(out / "cache"), prefix_cache_mb=opts.prefix_cache_mb)
     rc, _, _ = run_child([sys.executable, "-c", WARM, json.dumps(values)], env)
     if rc:
         raise SystemExit(f"filling the benchmark cache for N={n} failed")
@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="2400,1200,1200", help="train,val,test records per source client of the pool")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prefix-cache-mb", type=int, default=0,
+                   help="the runs' prefix cache (default 0, off: the peaks are those of the clients' states)")
     opts = p.parse_args(argv)
     opts.benchmark = opts.benchmark or default_benchmark()
     opts.sizes = tuple(int(x) for x in opts.sizes.split(","))

@@ -235,7 +235,7 @@ def test_centralised_step_pools_clients_and_trains_each_clients_head(base):
     worker.method.load_shared_state(worker.model, worker.initial_global(0))
     heads = _heads(worker, clients, states)
     owners, rows = np.array([0, 0, 0, 1, 1, 3, 3, 3]), np.array([0, 1, 2, 0, 1, 5, 6, 7])
-    parts = pooled_batch(clients, owners, rows, "cpu")
+    parts = pooled_batch(worker, clients, owners, rows)
     assert sorted(parts) == [0, 1, 3] and [len(p["input_ids"]) for p in parts.values()] == [3, 2, 3]
     assert torch.equal(parts[1]["labels"], clients[1].train.labels[[0, 1]])
     before_heads = [[p.detach().clone() for p in h.parameters()] for h in heads]

@@ -41,6 +41,8 @@ class RunConfig:
     precision: str = "fp32"             # fp32, or bf16: torch.autocast(bfloat16) around the forward passes of local
                                         # training and evaluation (docs/performance.md)
     compile: bool = False               # torch.compile the backbone the worker trains through
+    prefix_cache_mb: int = 512          # memory for ViLT's frozen layers below the first adapter, run once per item
+                                        # and kept (feddat.models.vl.PrefixCache; same results); 0 = off
     reduction: int = 16
     lr_backbone: float = 1e-4           # fedavg-full: learning rate of the backbone's own weights
     fedprox_mu: float = 0.01            # fedprox-adapter: mu/2 * ||adapter - global||^2
@@ -127,6 +129,9 @@ class RunConfig:
             raise FedDATError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not isinstance(self.compile, bool):
             raise FedDATError(f"compile must be true or false, got {self.compile!r}")
+        if not isinstance(self.prefix_cache_mb, int) or isinstance(self.prefix_cache_mb, bool) \
+                or self.prefix_cache_mb < 0:
+            raise FedDATError(f"prefix-cache-mb must be a whole number of MiB, 0 or more, got {self.prefix_cache_mb!r}")
         if self.eval_frozen not in ("newest", "last_round"):
             raise FedDATError(f"eval-frozen must be 'newest' or 'last_round', got {self.eval_frozen!r}")
         from feddat.models.backbone import BACKBONES

@@ -31,6 +31,7 @@ class LocalConfig:
     fused: bool = False        # FedDAT: student and DAT views in one forward over the batch taken twice
     precision: str = "fp32"    # fp32, or bf16: the forward passes under torch.autocast(bfloat16)
     compile: bool = False      # torch.compile the backbone (feddat.federation.worker.Worker)
+    prefix_cache_mb: int = 512   # memory for the frozen layers below the first adapter (models.vl.PrefixCache)
     lr_backbone: float = 1e-4           # full finetuning: the backbone's own weights
     fedprox_mu: float = 0.01            # FedProx: mu/2 * ||adapter - global||^2
     ditto_lambda: float = 0.1           # Ditto: lambda/2 * ||personal - global||^2

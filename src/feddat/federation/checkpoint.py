@@ -242,7 +242,8 @@ def check_fits(ck: Checkpoint, global_template: State | None, templates: dict[st
 
 
 # where and how fast, not what is computed
-RESUME_MAY_CHANGE = ("threads", "device", "cache_dir", "tracker", "client_state_dir", "data_dir")
+RESUME_MAY_CHANGE = ("threads", "device", "cache_dir", "tracker", "client_state_dir", "data_dir",
+                     "prefix_cache_mb")
 
 
 def resume_config(saved: dict[str, Any], given: dict[str, Any]):

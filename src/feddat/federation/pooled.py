@@ -43,14 +43,14 @@ def raw_data_bytes(client: ClientData) -> int:
     return pixels + text + answers
 
 
-def pooled_batch(clients: list[ClientData], owners: np.ndarray, rows: np.ndarray, device) -> dict[int, dict]:
+def pooled_batch(worker, clients: list[ClientData], owners: np.ndarray, rows: np.ndarray) -> dict[int, dict]:
     """One mini-batch of the pooled data, {client index: its part}: sample k is row `rows[k]` of client
     `owners[k]`'s training split (parts stay apart: clients of different tasks have inputs of different
     shapes)."""
     parts = {}
     for c in sorted(set(owners.tolist())):
         split: Split = clients[c].train
-        parts[c] = split.batch(torch.as_tensor(rows[owners == c]), device)
+        parts[c] = worker.batch(split, torch.as_tensor(rows[owners == c]))
     return parts
 
 
@@ -107,7 +107,7 @@ def run_pooled(setup, states, out_dir: Path | None, progress: bool, tracker, t_s
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * lr_factor((r + step / steps_per_round) / cfg.rounds, cfg.warmup)
                 idx = perm[start:start + local.batch_size]
-                parts = pooled_batch(clients, owners[idx], rows[idx], worker.device)
+                parts = pooled_batch(worker, clients, owners[idx], rows[idx])
                 losses.append(method.pooled_step(worker.model, heads, parts, opt)["loss"])
                 step += 1
                 bar.update(1)

@@ -18,7 +18,9 @@ from feddat.algorithms.base import LocalConfig, Method
 from feddat.algorithms.losses import scores
 from feddat.data.benchmarks import ClientData, Split
 from feddat.models.adapters import BottleneckAdapter
-from feddat.models.vl import AnswerHead, HeadSpec, adapt_backbone, compile_layers, make_head, pooled_features
+from feddat.models.backbone import backbone_family
+from feddat.models.vl import (AnswerHead, HeadSpec, PrefixCache, adapt_backbone, compile_layers, make_head,
+                             pooled_features)
 
 State = dict[str, torch.Tensor]
 
@@ -63,11 +65,21 @@ class Worker:
         self.model.autocast_dtype = torch.bfloat16 if local.precision == "bf16" else None
         if local.compile:
             compile_layers(self.model.backbone)
+        # The frozen layers below the first adapter run once per item (feddat.models.vl.PrefixCache).
+        self.prefix_cache = PrefixCache(self.model, local.prefix_cache_mb << 20) \
+            if local.prefix_cache_mb > 0 and not method.modifies_backbone and backbone_family(backbone) == "vilt" \
+            else None
         self.dim = backbone.config.hidden_size
         self.bottleneck = self.dim // reduction
         for name in method.adapters:
             for p in self.model.adapter_parameters(name):
                 p.requires_grad_(name in method.trained)
+
+    def batch(self, split: Split, idx: torch.Tensor) -> dict:
+        """Rows `idx` of a split on the worker's device, with their frozen prefix when the worker keeps it."""
+        if self.prefix_cache is None:
+            return split.batch(idx, self.device)
+        return self.prefix_cache.batch(split, idx, self.device)
 
     # ----- state -----
     def _fresh_adapter(self, seed: int) -> State:
@@ -147,7 +159,7 @@ class Worker:
                 factor = lr_factor((round_idx + step / total_steps) / total_rounds, self.warmup)
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * factor
-                batch = data.train.batch(perm[start:start + cfg.batch_size], self.device)
+                batch = self.batch(data.train, perm[start:start + cfg.batch_size])
                 losses = method.train_step(self.model, head, batch, opt, cfg)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -220,7 +232,7 @@ class Worker:
             all_scores, preds = [], []
             for start in range(0, len(part), batch_size):
                 idx = torch.arange(start, min(start + batch_size, len(part)))
-                batch = part.batch(idx, self.device)
+                batch = self.batch(part, idx)
                 logits = head(pooled_features(self.model, batch))
                 all_scores.append(scores(logits, batch["labels"]).cpu())
                 preds.append(logits.argmax(-1).cpu())

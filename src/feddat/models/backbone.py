@@ -134,16 +134,39 @@ class LayerCall:
     args: tuple
     kwargs: dict
 
-    def repeated(self, times: int) -> "LayerCall":
-        """The call for the batch repeated `times` times along its first dimension: the hidden states and
-        every argument that has the batch as its first dimension (the attention mask) are repeated."""
+    def _per_row(self, fn) -> "LayerCall":
+        """The call with `fn` applied to the hidden states and to every argument that has the batch as its
+        first dimension (the attention mask); the other arguments are kept."""
         n = self.hidden.shape[0]
 
-        def rep(x):
-            return torch.cat([x] * times) if torch.is_tensor(x) and x.dim() and x.shape[0] == n else x
+        def apply(x):
+            return fn(x) if torch.is_tensor(x) and x.dim() and x.shape[0] == n else x
 
-        return LayerCall(self.index, rep(self.hidden), tuple(rep(a) for a in self.args),
-                         {k: rep(v) for k, v in self.kwargs.items()})
+        return LayerCall(self.index, apply(self.hidden), tuple(apply(a) for a in self.args),
+                         {k: apply(v) for k, v in self.kwargs.items()})
+
+    def repeated(self, times: int) -> "LayerCall":
+        """The call for the batch repeated `times` times along its first dimension."""
+        return self._per_row(lambda x: torch.cat([x] * times))
+
+    def rows(self, idx: torch.Tensor) -> "LayerCall":
+        """The call for rows `idx` of the batch."""
+        return self._per_row(lambda x: x[idx.to(x.device)])
+
+    @staticmethod
+    def cat(calls: list["LayerCall"]) -> "LayerCall":
+        """One call for the batches of `calls` (made for the same layer) one after another."""
+        first = calls[0]
+        sizes = [c.hidden.shape[0] for c in calls]
+
+        def join(i: int | None, key: str | None = None):
+            parts = [c.hidden if i is None and key is None else c.args[i] if key is None else c.kwargs[key]
+                     for c in calls]
+            per_row = all(torch.is_tensor(p) and p.dim() and p.shape[0] == n for p, n in zip(parts, sizes))
+            return torch.cat(parts) if per_row else parts[0]
+
+        return LayerCall(first.index, join(None), tuple(join(i) for i in range(len(first.args))),
+                         {k: join(None, k) for k in first.kwargs})
 
 
 class _LayerReached(Exception):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from feddat.models.adapters import AdaptedModel
-from feddat.models.backbone import backbone_family, encode, encode_from, encode_until
+from feddat.models.backbone import LayerCall, backbone_family, encode, encode_from, encode_until
 
 
 class AnswerHead(nn.Module):
@@ -136,6 +137,9 @@ def pooled_features(model: AdaptedModel, batch: dict) -> torch.Tensor:
 
             pooled = blip.encode(model.backbone, batch["input_ids"], batch["attention_mask"],
                                  batch["pixel_values"])[1]
+        elif "prefix" in batch:
+            call = batch["prefix"]
+            pooled = encode_from(model.backbone, call, model.slots[0](call.hidden))[1]
         else:
             pooled = encode(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[1]
     return _regroup(_autocast_out(model, pooled), k)
@@ -166,8 +170,11 @@ def pooled_features_of_views(model: AdaptedModel, batch: dict, views: tuple[str,
 
 def _vilt_features_of_views(model: AdaptedModel, batch: dict, views: tuple[str, ...],
                             stacked: bool) -> list[torch.Tensor]:
-    model.set_view("none")
-    call = encode_until(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], 1)
+    if "prefix" in batch:
+        call = batch["prefix"]
+    else:
+        model.set_view("none")
+        call = encode_until(model.backbone, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], 1)
     if stacked:
         model.set_views(views)
         call = call.repeated(len(views))
@@ -177,3 +184,76 @@ def _vilt_features_of_views(model: AdaptedModel, batch: dict, views: tuple[str, 
         model.set_view(view)
         features.append(encode_from(model.backbone, call, model.slots[0](call.hidden))[1])
     return features
+
+
+class PrefixCache:
+    """ViLT's frozen layers before the first adapter slot (the embeddings and layer 0: `encode_until(..., 1)`),
+    run once over each split the worker meets and kept, so that every later pass over its items (each epoch,
+    each view, each evaluation) starts at the first adapter. For methods that train and hook nothing below it
+    (`Method.modifies_backbone` False); `pooled_features` and `pooled_features_of_views` take the rows of a
+    batch from `batch["prefix"]`. The rows are those a pass over the batch computes (every row of ViLT's
+    forward is computed on its own; `tests/test_prefix_cache.py`), so results do not change.
+
+    Splits are kept while their total stays within `budget_bytes`; a split that would go past it is computed
+    batch by batch as without the cache. BLIP backbones are not cached (their frozen part differs).
+    """
+
+    CHUNK = 256
+
+    def __init__(self, model: AdaptedModel, budget_bytes: int):
+        self.model = model
+        self.budget = budget_bytes
+        self.used = 0
+        self._calls: dict[int, tuple[weakref.ref, LayerCall | None, int]] = {}
+
+    def batch(self, split, idx: torch.Tensor, device) -> dict:
+        """`split.batch(idx, device)`, with the rows of its frozen prefix under "prefix" when it is kept."""
+        batch = split.batch(idx, device)
+        call, k = self._of(split, device)
+        if call is not None:
+            rows = idx if k is None else (idx[:, None] * k + torch.arange(k)).flatten()
+            batch["prefix"] = call.rows(rows)
+        return batch
+
+    @torch.no_grad()
+    def _of(self, split, device) -> tuple[LayerCall | None, int | None]:
+        held = self._calls.get(id(split))
+        if held is not None and held[0]() is split:
+            return held[1], held[2]
+        call, k = self._compute(split, device)
+        self._calls[id(split)] = (weakref.ref(split, lambda _, key=id(split): self._forget(key)), call, k)
+        return call, k
+
+    def _forget(self, key: int) -> None:
+        """A split is gone: free what was kept for it."""
+        held = self._calls.pop(key, None)
+        if held is not None and held[1] is not None:
+            self.used -= _call_bytes(held[1])
+
+    def _compute(self, split, device) -> tuple[LayerCall | None, int | None]:
+        n = len(split)
+        if self.budget <= self.used or n == 0:
+            return None, None
+        model, calls, k = self.model, [], None
+        view = model.view
+        model.set_view("none")
+        try:
+            for start in range(0, n, self.CHUNK):
+                flat, k = ungroup(split.batch(torch.arange(start, min(start + self.CHUNK, n)), device))
+                with autocast(model):
+                    calls.append(encode_until(model.backbone, flat["input_ids"], flat["attention_mask"],
+                                              flat["pixel_values"], 1))
+                if start == 0:  # give up on a split that would go past the budget before computing the rest
+                    estimate = _call_bytes(calls[0]) * n // min(self.CHUNK, n)
+                    if self.used + estimate > self.budget:
+                        return None, None
+        finally:  # the caller's view, as it set it
+            model.set_views(tuple(view.split("+"))) if "+" in view else model.set_view(view)
+        call = LayerCall.cat(calls) if len(calls) > 1 else calls[0]
+        self.used += _call_bytes(call)
+        return call, k
+
+
+def _call_bytes(call: LayerCall) -> int:
+    tensors = [call.hidden, *call.args, *call.kwargs.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
