@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from feddat.algorithms.ablations import FedDATNoFrozen, FedDATNoMKD, FedDATSingleTeacher
+from feddat.algorithms.ablations import (FedDATKDStudent, FedDATKDTeacher, FedDATNoFrozen, FedDATNoMKD,
+                                         FedDATSingleTeacher)
 from feddat.algorithms.base import LocalConfig
 from feddat.algorithms.feddat import FedDAT
 from feddat.models.backbone import load_backbone
@@ -54,6 +55,8 @@ def _differs(a, b):
     (FedDATNoMKD(), "local", False),            # no distillation: the student never sees the teacher
     (FedDATSingleTeacher(), "global_frozen", True),
     (FedDATNoFrozen(), "local", True),
+    (FedDATKDStudent(), "local", True),         # the DAT still teaches the student
+    (FedDATKDTeacher(), "local", False),        # only the student teaches: the student learns the task alone
 ])
 def test_student_update_depends_on_the_teacher_only_with_distillation(parts, method, teacher_part,
                                                                       learns_from_teacher):
@@ -65,10 +68,50 @@ def test_student_update_depends_on_the_teacher_only_with_distillation(parts, met
     assert _differs(base, moved) == learns_from_teacher
 
 
-def test_nomkd_losses_are_the_task_alone(parts):
+def _local_after_step(method, model, head, batch, perturb_global: bool):
+    """The local adapter after one SGD train_step, with the global adapter changed first. The head does not
+    move (lr 0), so the student reaches the teacher's sub-step only through the distillation term."""
+    model, head = copy.deepcopy(model), copy.deepcopy(head)
+    if perturb_global:
+        with torch.no_grad():
+            for p in model.adapter_parameters("global"):
+                p.add_(0.3)
+    cfg = LocalConfig(lr_head=0.0, lr_adapter=0.5)
+    method.train_step(model, head, batch, torch.optim.SGD(method.param_groups(model, head, cfg)), cfg)
+    return model.adapter_state("local")
+
+
+@pytest.mark.parametrize("method, learns_from_student", [
+    (FedDAT(), True),
+    (FedDATNoMKD(), False),
+    (FedDATKDStudent(), False),     # the local adapter learns the task alone
+    (FedDATKDTeacher(), True),
+])
+def test_local_update_depends_on_the_student_only_with_distillation_into_the_teacher(parts, method,
+                                                                                      learns_from_student):
+    backbone, tokenizer = parts
+    model, head = _model(backbone, method)
+    batch = tiny_batch(tokenizer)
+    base = _local_after_step(method, model, head, batch, False)
+    moved = _local_after_step(method, model, head, batch, True)
+    assert _differs(base, _model(backbone, method)[0].adapter_state("local"))   # the step moved it
+    assert _differs(base, moved) == learns_from_student
+
+
+def test_mkd_losses_per_sub_step(parts):
     task, kd = torch.tensor(2.0), torch.tensor(1.0)
-    assert FedDAT().mkd_loss(task, kd).item() == 1.5
-    assert FedDATNoMKD().mkd_loss(task, kd).item() == 2.0
+    expected = {FedDAT: (1.5, 1.5), FedDATNoMKD: (2.0, 2.0), FedDATKDStudent: (1.5, 2.0),
+                FedDATKDTeacher: (2.0, 1.5)}
+    for cls, (student, teacher) in expected.items():
+        assert cls().mkd_loss(task, kd, "student").item() == student
+        assert cls().mkd_loss(task, kd, "teacher").item() == teacher
+
+
+def test_one_way_probes_are_not_in_methods_all():
+    from feddat.eval.compare import resolve_methods
+
+    assert "feddat-kd-student" not in resolve_methods("all") and "feddat-nomkd" in resolve_methods("all")
+    assert resolve_methods("feddat-kd-student,feddat-kd-teacher") == ["feddat-kd-student", "feddat-kd-teacher"]
 
 
 def test_single_teacher_is_the_frozen_copy_and_trains_the_global_adapter_and_head_only(parts):
@@ -102,7 +145,8 @@ def test_ablations_send_what_feddat_sends(tiny_config):
     from feddat.federation.inprocess import build
 
     shapes = {}
-    for name in ("feddat", "feddat-nomkd", "feddat-single-teacher", "feddat-nofrozen"):
+    for name in ("feddat", "feddat-nomkd", "feddat-single-teacher", "feddat-nofrozen", "feddat-kd-student",
+                 "feddat-kd-teacher"):
         worker = build(tiny_config(method=name)).worker
         shapes[name] = {k: tuple(v.shape) for k, v in worker.initial_global(0).items()}
     assert all(v == shapes["feddat"] for v in shapes.values())

@@ -155,7 +155,8 @@ def _fake_results(cfg: RunConfig) -> dict:
 
 
 def test_methods_all_covers_every_registered_method_and_says_which_cannot_run(base, tmp_path):
-    assert resolve_methods("all") == list(METHODS) and "centralised-adapter" in METHODS
+    everything = [m for m in METHODS if m not in ("feddat-kd-student", "feddat-kd-teacher")]  # the probes
+    assert resolve_methods("all") == everything and "centralised-adapter" in everything
     ran = []
 
     def runner(cfg, run_dir, progress, resume=None):
@@ -167,14 +168,14 @@ def test_methods_all_covers_every_registered_method_and_says_which_cannot_run(ba
     # fault injection has no meaning without client rounds: the centralised reference refuses it
     table = run_comparison(replace(base, fault_injection="crash:clipart@2"), resolve_methods("all"), [0], tmp_path,
                            progress=False, log=lambda line: None, runner=runner)
-    assert list(table["methods"]) == list(METHODS)
-    assert ran == [m for m in METHODS if m != "centralised-adapter"]
+    assert list(table["methods"]) == everything
+    assert ran == [m for m in everything if m != "centralised-adapter"]
     row = table["methods"]["centralised-adapter"]
     assert row["status"] == "unavailable" and "fault-injection" in row["reason"]
     md = (tmp_path / "table.md").read_text()
     assert "| centralised-adapter | — |" in md and "centralised-adapter was not run: " in md
     assert table["methods"]["fedavg-prompt"] == {"status": "unavailable", "reason": "prompts do not fit this backbone"}
-    assert all(f"| {m} |" in md for m in METHODS)
+    assert all(f"| {m} |" in md for m in everything)
     assert table["methods"]["fedavg-full"]["communicated_params"] > table["methods"]["feddat"]["communicated_params"]
     with pytest.raises(FedDATError, match="unknown methods nope"):
         resolve_methods("feddat,nope")

@@ -480,7 +480,9 @@ def parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser("compare", help="run several methods over several seeds and tabulate them (mean ± std "
                          "over seeds, parameters, bytes); resumes where it stopped")
-    cmp.add_argument("--methods", default="all", help="'all' (every registered method) or m1,m2,... (default: all)")
+    cmp.add_argument("--methods", default="all",
+                     help="'all' (every registered method but the one-way distillation probes) or m1,m2,... "
+                          "(default: all)")
     cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     cmp.add_argument("--out", required=True, help="directory for <method>/seed<k>/ runs, table.md, table.json "
                      "and compare.png")

@@ -56,6 +56,7 @@ class Method:
     predict_view: ClassVar[str] = "none"         # the view whose predictions are scored
     report_views: ClassVar[tuple[str, ...]] = () # further views scored for information
     epochs_factor: ClassVar[int] = 1             # local epochs multiplier (compute-matched controls)
+    in_all: ClassVar[bool] = True                # in `--methods all` (False: a probe, named on its own)
     modifies_backbone: ClassVar[bool] = False    # trains or hooks the backbone: the worker gives it its own copy
     pooled: ClassVar[bool] = False               # trains on every client's data pooled (a reference, not
                                                  # federated): its driver walks the pooled data

@@ -4,8 +4,8 @@ Each client carries a global adapter (travels), a local adapter (private) and a 
 global adapter taken at the start of the round. The teacher view mixes local and frozen outputs 50/50.
 
 The ablations (feddat.algorithms.ablations) are this class with one piece changed: the teacher's view
-(`teacher_view`: the frozen copy alone, or the local adapter alone) or the losses (`mutual_kd=False`: each
-adapter learns the task alone).
+(`teacher_view`: the frozen copy alone, or the local adapter alone) or the losses (`kd_into`: the sub-steps
+whose loss adds the distillation term; in the others the adapter learns the task alone).
 """
 
 from __future__ import annotations
@@ -29,10 +29,12 @@ class FedDAT(Method):
     predict_view = "teacher"
     report_views = ("student", "local")
     teacher_view: ClassVar[str] = "teacher"   # the view that teaches the student (the DAT)
-    mutual_kd: ClassVar[bool] = True          # each sub-step's loss: (task + KD) / 2; False: the task alone
+    # The sub-steps whose loss is (task + KD) / 2, the others' the task alone: "student" (the DAT teaches the
+    # global adapter) and "teacher" (the student teaches the DAT, so its local adapter); both is mutual.
+    kd_into: ClassVar[tuple[str, ...]] = ("student", "teacher")
 
-    def mkd_loss(self, task: torch.Tensor, kd: torch.Tensor) -> torch.Tensor:
-        return (task + kd) / 2 if self.mutual_kd else task
+    def mkd_loss(self, task: torch.Tensor, kd: torch.Tensor, sub_step: str) -> torch.Tensor:
+        return (task + kd) / 2 if sub_step in self.kd_into else task
 
     def begin_round(self, model: AdaptedModel) -> None:
         if "global_frozen" in self.adapters:
@@ -60,7 +62,7 @@ class FedDAT(Method):
         student_logits = head(student_features)
         loss_student_task = task_loss(student_logits, y)
         loss_student_kd = kd_loss(student_logits, teacher_logits, t)
-        loss_student = self.mkd_loss(loss_student_task, loss_student_kd)
+        loss_student = self.mkd_loss(loss_student_task, loss_student_kd, "student")
         opt.zero_grad(set_to_none=True)
         loss_student.backward()
         opt.step()
@@ -69,7 +71,7 @@ class FedDAT(Method):
         teacher_logits = head(teacher_features)  # the head as updated by sub-step 1
         loss_teacher_task = task_loss(teacher_logits, y)
         loss_teacher_kd = kd_loss(teacher_logits, student_logits.detach(), t)
-        loss_teacher = self.mkd_loss(loss_teacher_task, loss_teacher_kd)
+        loss_teacher = self.mkd_loss(loss_teacher_task, loss_teacher_kd, "teacher")
         opt.zero_grad(set_to_none=True)
         loss_teacher.backward()
         opt.step()
@@ -100,7 +102,7 @@ class FedDAT(Method):
         student_logits = head(student_cut)
         loss_student_task = task_loss(student_logits, y)
         loss_student_kd = kd_loss(student_logits, teacher_logits, t)
-        loss_student = self.mkd_loss(loss_student_task, loss_student_kd)
+        loss_student = self.mkd_loss(loss_student_task, loss_student_kd, "student")
         opt.zero_grad(set_to_none=True)
         loss_student.backward()
         opt.step()
@@ -109,7 +111,7 @@ class FedDAT(Method):
         teacher_logits = head(teacher_features)
         loss_teacher_task = task_loss(teacher_logits, y)
         loss_teacher_kd = kd_loss(teacher_logits, student_logits.detach(), t)
-        loss_teacher = self.mkd_loss(loss_teacher_task, loss_teacher_kd)
+        loss_teacher = self.mkd_loss(loss_teacher_task, loss_teacher_kd, "teacher")
         opt.zero_grad(set_to_none=True)
         torch.autograd.backward((loss_teacher, student_features), (None, student_cut.grad))
         opt.step()

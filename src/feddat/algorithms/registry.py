@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from feddat.algorithms.ablations import FedDATNoFrozen, FedDATNoMKD, FedDATSingleTeacher
+from feddat.algorithms.ablations import (FedDATKDStudent, FedDATKDTeacher, FedDATNoFrozen, FedDATNoMKD,
+                                         FedDATSingleTeacher)
 from feddat.algorithms.base import Method
 from feddat.algorithms.baselines import FedAvgAdapter, FedAvgAdapter2x, FedProxAdapter, HeadOnly, LocalAdapter
 from feddat.algorithms.centralised import CentralisedAdapter
@@ -18,6 +19,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (
     DittoAdapter, FedRepAdapter, APFLAdapter,                           # personalised FL on the same adapters
     FedProxAdapter, FedAvgBitFit, FedAvgLayerNorm, FedAvgFull, FedAvgLoRA, FedAvgPrompt,  # other PEFT / FL
     CentralisedAdapter,                                                 # the pooled-data upper reference
+    FedDATKDStudent, FedDATKDTeacher,                                   # one-way distillation probes (not in 'all')
 )}
 
 

@@ -34,11 +34,12 @@ NOT_FROM_GRID = ("method", "seed")   # set by the comparison itself, per run
 
 
 def resolve_methods(text: str) -> list[str]:
-    """'all' (every registered method, in registry order) or a comma-separated list of method names."""
+    """'all' (every registered method but the probes, in registry order) or a comma-separated list of method
+    names."""
     from feddat.algorithms.registry import METHODS
 
     if text.strip() == "all":
-        return list(METHODS)
+        return [name for name, method in METHODS.items() if method.in_all]
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:
         raise FedDATError("--methods needs 'all' or comma-separated method names (`feddat methods` lists them)")
