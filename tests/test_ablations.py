@@ -34,16 +34,15 @@ def _model(backbone, method, seed=0):
     return model, AnswerHead(backbone.config.hidden_size, 4)
 
 
-def _global_after_step(method, model, head, batch, perturb: str | None):
-    """The global adapter after one SGD train_step, with adapter `perturb` (a teacher part) changed first."""
+def _after_step(method, model, head, batch, perturb: str | None, read: str = "global", cfg=LocalConfig()):
+    """Adapter `read` after one SGD train_step, with adapter `perturb` changed first (on copies)."""
     model, head = copy.deepcopy(model), copy.deepcopy(head)
     if perturb is not None:
         with torch.no_grad():
             for p in model.adapter_parameters(perturb):
                 p.add_(0.3)
-    opt = torch.optim.SGD(method.param_groups(model, head, LocalConfig()), lr=0.5)
-    method.train_step(model, head, batch, opt, LocalConfig())
-    return model.adapter_state("global")
+    method.train_step(model, head, batch, torch.optim.SGD(method.param_groups(model, head, cfg)), cfg)
+    return model.adapter_state(read)
 
 
 def _differs(a, b):
@@ -63,22 +62,9 @@ def test_student_update_depends_on_the_teacher_only_with_distillation(parts, met
     backbone, tokenizer = parts
     model, head = _model(backbone, method)
     batch = tiny_batch(tokenizer)
-    base = _global_after_step(method, model, head, batch, None)
-    moved = _global_after_step(method, model, head, batch, teacher_part)
+    base = _after_step(method, model, head, batch, None)
+    moved = _after_step(method, model, head, batch, teacher_part)
     assert _differs(base, moved) == learns_from_teacher
-
-
-def _local_after_step(method, model, head, batch, perturb_global: bool):
-    """The local adapter after one SGD train_step, with the global adapter changed first. The head does not
-    move (lr 0), so the student reaches the teacher's sub-step only through the distillation term."""
-    model, head = copy.deepcopy(model), copy.deepcopy(head)
-    if perturb_global:
-        with torch.no_grad():
-            for p in model.adapter_parameters("global"):
-                p.add_(0.3)
-    cfg = LocalConfig(lr_head=0.0, lr_adapter=0.5)
-    method.train_step(model, head, batch, torch.optim.SGD(method.param_groups(model, head, cfg)), cfg)
-    return model.adapter_state("local")
 
 
 @pytest.mark.parametrize("method, learns_from_student", [
@@ -92,8 +78,10 @@ def test_local_update_depends_on_the_student_only_with_distillation_into_the_tea
     backbone, tokenizer = parts
     model, head = _model(backbone, method)
     batch = tiny_batch(tokenizer)
-    base = _local_after_step(method, model, head, batch, False)
-    moved = _local_after_step(method, model, head, batch, True)
+    # The head does not move (lr 0): the student reaches the teacher's sub-step only through distillation.
+    cfg = LocalConfig(lr_head=0.0, lr_adapter=0.5)
+    base = _after_step(method, model, head, batch, None, "local", cfg)
+    moved = _after_step(method, model, head, batch, "global", "local", cfg)
     assert _differs(base, _model(backbone, method)[0].adapter_state("local"))   # the step moved it
     assert _differs(base, moved) == learns_from_student
 
