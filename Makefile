@@ -18,8 +18,9 @@ install: $(BIN)/feddat
 demo: install
 	$(BIN)/feddat run --benchmark domain --method feddat --out runs/demo --force
 
+# two workers: the tests are single-threaded, so a 2-core machine runs two at once (pytest-xdist)
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf runs .pytest_cache

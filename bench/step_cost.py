@@ -9,7 +9,7 @@ Steps compared, on the same batches and the same backbone architecture (random w
 - `fedavg-adapter`: one forward and one backward through the global adapter (`Method.train_step`);
 - `feddat`: FedDAT's local step as trained (`FedDAT.train_step`: one DAT forward reused for the DAT update,
   one student forward, two backwards; the frozen layer before the first adapter runs once for both views);
-- `feddat-fused`: the same step with both views side by side in one forward and one backward (`--fused true`);
+- `feddat-fused`: the same step with both views side by side in one forward and one backward (`--fused`);
 - `feddat-3fwd`: the authors' form, for reference: a third forward recomputes the DAT for its update;
 - `full-finetune`: every backbone parameter and the head trained with the task loss.
 
@@ -45,11 +45,12 @@ import torch
 
 from feddat.algorithms.base import LocalConfig, Method
 from feddat.algorithms.baselines import FedAvgAdapter
-from feddat.algorithms.feddat import FedDAT
+from feddat.algorithms.feddat import FedDAT, FedDATConfig
 from feddat.algorithms.losses import kd_loss, task_loss
 from feddat.config import PRECISIONS
 from feddat.federation.worker import Worker
-from feddat.models.backbone import BACKBONES, SIZES, backbone_family, encode, random_backbone, vilt_config
+from feddat.models.backbone import BACKBONES, backbone_family, encode, random_backbone, vilt_config
+from feddat.models.checkpoints import SIZES
 from feddat.models.vl import AnswerHead, compile_layers, pooled_features
 
 MODES = ("fedavg-adapter", "feddat", "feddat-fused", "feddat-3fwd", "full-finetune")
@@ -61,7 +62,7 @@ class ThreeForwardFedDAT(FedDAT):
     DAT forward for the teacher step (three forwards, two backwards; same result up to dropout)."""
 
     def train_step(self, model, head, batch, opt, cfg):
-        y, t = batch["labels"], cfg.kd_temperature
+        y, t = batch["labels"], self.config.kd_temperature
         model.set_view("teacher")
         with torch.no_grad():
             teacher_logits = head(pooled_features(model, batch))
@@ -102,7 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="fp32, or bf16: the forward passes under "
                    "torch.autocast(bfloat16), as `feddat run --precision bf16` trains (meant for GPUs) (default: fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile every encoder layer of every backbone, as "
-                   "`feddat run --compile true` does (compiles during warm-up: give --warmup 3 or more)")
+                   "`feddat run --compile` does (compiles during warm-up: give --warmup 3 or more)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode first (default: 3)")
     p.add_argument("--repeats", type=int, default=48, help="interleaved timing rounds (default: 48)")
@@ -166,7 +167,9 @@ def plain_pooled(backbone, batch: dict) -> torch.Tensor:
 
 def adapter_contender(name: str, method: Method, fused: bool, args, device) -> Contender:
     """The method's own local step, on a Worker's model as in training (its precision and compilation too)."""
-    local = LocalConfig(batch_size=args.batch_size, fused=fused, precision=args.precision, compile=args.compile)
+    local = LocalConfig(batch_size=args.batch_size, precision=args.precision, compile=args.compile)
+    if fused:
+        method = type(method)(FedDATConfig(fused=True))
     backbone = random_backbone(args.size, device, seed=args.seed, family=args.backbone)
     worker = Worker(method, backbone, args.reduction, local, device)
     head = AnswerHead(backbone.config.hidden_size, args.answers).to(device).train()

@@ -5,7 +5,7 @@
         --methods feddat,fedavg-adapter,fedavg-adapter-2x,local-adapter,head-only
 
 Prints and writes, per benchmark, the comparison table of `feddat compare` (runs/testbed/<benchmark>/
-table.md|json, compare.png: the same code, feddat.eval.compare) and a
+table.md|json, compare.png: the same code, feddat.eval.sweep and feddat.eval.tables) and a
 breakdown by question kind (new words: the shared skill; words with client-specific meanings), averaged
 over clients and seeds, to runs/testbed/<benchmark>/summary.md. Finished runs are reused when restarted.
 """
@@ -17,7 +17,8 @@ import json
 from pathlib import Path
 
 from feddat.config import RunConfig
-from feddat.eval.compare import parse_overrides, parse_seeds, resolve_methods, run_comparison
+from feddat.config import parse_pairs
+from feddat.eval.sweep import parse_seeds, resolve_methods, run_comparison
 from feddat.eval.results import mean_and_se
 
 
@@ -65,7 +66,7 @@ def main() -> None:
     out = Path(args.out)
     summary = []
     for bench in args.benchmarks.split(","):
-        extra = parse_overrides(args.set)
+        extra = parse_pairs(args.set)
         base = RunConfig(benchmark=bench, **extra, rounds=args.rounds, threads=args.threads, model_path=args.model_path,
                          eval_every=args.eval_every, local_epochs=args.local_epochs).validate()
         run_comparison(base, methods, seeds, out / bench, progress=not args.quiet)

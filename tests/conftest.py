@@ -41,3 +41,21 @@ def tiny_config(tiny_backbone_dir, tmp_path):
         return RunConfig(**values).validate()
 
     return make
+
+
+@pytest.fixture()
+def tiny(tiny_backbone_dir):
+    """FedDAT's model on the tiny ViLT with random adapters (the frozen copy frozen, as a Worker makes it), a
+    4-answer head and the tokenizer."""
+    from feddat.algorithms.feddat import FedDAT
+    from feddat.models.backbone import load_backbone
+    from feddat.models.vl import AnswerHead, adapt_vilt
+    from tiny import randomise_adapters
+
+    backbone, tokenizer = load_backbone(tiny_backbone_dir)
+    model = adapt_vilt(backbone, FedDAT.adapters, reduction=4, views=FedDAT.views)
+    randomise_adapters(model)
+    for p in model.adapter_parameters("global_frozen"):
+        p.requires_grad_(False)
+    torch.manual_seed(1)
+    return model, AnswerHead(backbone.config.hidden_size, 4), tokenizer

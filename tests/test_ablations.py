@@ -23,7 +23,7 @@ def parts(tiny_backbone_dir):
 
 
 def _model(backbone, method, seed=0):
-    model = adapt_vilt(backbone, method.adapters, reduction=4)
+    model = adapt_vilt(backbone, method.adapters, reduction=4, views=method.views)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in method.adapters:
@@ -78,8 +78,9 @@ def test_local_update_depends_on_the_student_only_with_distillation_into_the_tea
     backbone, tokenizer = parts
     model, head = _model(backbone, method)
     batch = tiny_batch(tokenizer)
-    # The head does not move (lr 0): the student reaches the teacher's sub-step only through distillation.
-    cfg = LocalConfig(lr_head=0.0, lr_adapter=0.5)
+    # The head does not move (no gradient): the student reaches the teacher's sub-step only through distillation.
+    head.requires_grad_(False)
+    cfg = LocalConfig(lr_adapter=0.5)
     base = _after_step(method, model, head, batch, None, "local", cfg)
     moved = _after_step(method, model, head, batch, "global", "local", cfg)
     assert _differs(base, _model(backbone, method)[0].adapter_state("local"))   # the step moved it
@@ -96,7 +97,7 @@ def test_mkd_losses_per_sub_step(parts):
 
 
 def test_one_way_probes_are_not_in_methods_all():
-    from feddat.eval.compare import resolve_methods
+    from feddat.eval.sweep import resolve_methods
 
     assert "feddat-kd-student" not in resolve_methods("all") and "feddat-nomkd" in resolve_methods("all")
     assert resolve_methods("feddat-kd-student,feddat-kd-teacher") == ["feddat-kd-student", "feddat-kd-teacher"]

@@ -5,7 +5,8 @@ import torch
 from transformers import BertConfig, BertModel
 
 from feddat.errors import FedDATError
-from feddat.models.backbone import encode, load_backbone, write_checksums
+from feddat.models.backbone import encode, load_backbone
+from feddat.models.checkpoints import write_checksums
 
 
 def test_local_checkpoint_loads_frozen_and_encodes(tiny_backbone_dir):

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 
 from feddat.cli import main
-from feddat.data.benchmarks import BENCHMARKS, Sizes, client_records
+from feddat.data.benchmarks import BENCHMARKS, client_records
 from feddat.data.function import FUNCTIONS, MATERIALS, USES, holds, logic_answer
 from feddat.data.questions import EXTRA_WORDS, WORDS
 from feddat.data.report import js_divergence
-from feddat.data.scene import _background, scene_clients
-from feddat.data.world import COLORS, IMAGE_SIZE, SHAPES, Obj
+from feddat.data.scene import GENERATOR, _background, render_scene, scene_clients
+from feddat.data.sizes import Sizes
+from feddat.data.world import COLORS, IMAGE_SIZE, RGB, SHAPES, Obj, Scene
 
 SMALL = Sizes(40, 10, 30)
 
@@ -165,28 +168,98 @@ def test_scene_clients_differ_in_background_and_vocabulary(scene_recs):
         for j in range(i + 1, len(backgrounds)):
             assert np.abs(backgrounds[i] - backgrounds[j]).mean() > 10
     # a corner pixel of every image is close to the client's own background, farther from the others'
+    strays = 0
     for i, s in enumerate(specs):
         img = scene_recs[s.name]["test"].images.astype(float)
         corner = img[:, :2, :2].reshape(len(img), -1, 3).mean(axis=(0, 1))
         dists = [np.abs(corner - b[:2, :2].reshape(-1, 3).mean(axis=0)).mean() for b in backgrounds]
         assert int(np.argmin(dists)) == i
-        # objects come only from the scene's own vocabulary
+        # objects come mostly from the scene's own vocabulary; now and then one from the whole world
         vocab = set(s.vocabulary())
         r = scene_recs[s.name]["train"]
-        for k in range(len(r)):
-            assert {(o.color, o.shape) for o in _scene_objects(r, k)} <= vocab
+        objs = [(o.color, o.shape) for k in range(len(r)) for o in _scene_objects(r, k)]
+        inside = sum(o in vocab for o in objs)
+        assert inside / len(objs) > 0.85
+        strays += len(objs) - inside
+    assert strays > 0
     assert len({frozenset(s.vocabulary()) for s in specs}) == len(specs)
 
 
 def test_scene_objects_co_occur_by_group():
     spec = scene_clients()[0]
+    vocab = set(spec.vocabulary())
     rng = np.random.default_rng(0)
     same = total = 0
     for _ in range(300):
-        groups = [spec.group_of(o.color, o.shape) for o in spec.sample(rng).objects]
+        groups = [spec.group_of(o.color, o.shape) for o in spec.sample(rng).objects if (o.color, o.shape) in vocab]
         same += sum(a == b for i, a in enumerate(groups) for b in groups[i + 1:])
         total += len(groups) * (len(groups) - 1) // 2
-    assert same / total > 0.55  # 1/3 if objects were drawn independently of each other
+    # 1/3 if objects were drawn independently of each other; a group holds 4 distinct objects and a scene up to
+    # 7, so larger scenes spill over into the other groups (about 0.51 for seed 0)
+    assert same / total > 0.45
+
+
+def test_scene_records_at_the_same_sizes_are_cached_under_the_generator_version():
+    # the generator's version is part of every spec, so of the cache key: a new generator never reads old files
+    assert all(asdict(s)["generator"] == GENERATOR for s in scene_clients())
+
+
+def _clean(spec, **kw):
+    """The spec without per-pixel noise and blur, so that what is drawn can be read back exactly."""
+    return dataclasses.replace(spec, noise=0.0, blur=0.0, **kw)
+
+
+def test_scene_clutter_is_camouflage_in_the_scenes_own_object_colours():
+    for s in scene_clients():
+        rng = np.random.default_rng(0)
+        pixels = np.stack([_clean(s).render(Scene(()), rng) for _ in range(20)]).astype(int).reshape(-1, 3)
+        near = {c: int((np.abs(pixels - np.asarray(RGB[c])).max(axis=1) <= 40).sum()) for c in COLORS}
+        # an image without objects holds plenty of pixels of at least two of the scene's own object colours
+        assert sum(near[c] >= 100 for c in s.colors) >= 2, (s.name, near)
+        assert set(s.clutter_colors or s.colors) <= set(COLORS)
+
+
+def test_scene_clutter_is_never_object_shaped():
+    # one mark at a time on an empty scene: no 3 x 3 block is ever covered (the smallest object is 7 x 7)
+    for s in scene_clients():
+        spec = _clean(s, clutter_n=(1, 1), occluders=(0, 0))
+        bg = np.asarray(_background(s.name), dtype=int)
+        rng = np.random.default_rng(1)
+        for _ in range(200):
+            m = np.abs(spec.render(Scene(()), rng).astype(int) - bg).sum(axis=2) > 0
+            block = np.ones_like(m[2:, 2:])
+            for dy in range(3):
+                for dx in range(3):
+                    block &= m[dy:dy + 46, dx:dx + 46]
+            assert not block.any(), s.name
+
+
+def test_scene_types_hide_objects_to_different_degrees():
+    # the same objects, without clutter, jitter, noise or blur: how far an object's centre is from the backdrop
+    scene = Scene((Obj("red", "square", "big", 1, 1), Obj("blue", "circle", "big", 2, 2),
+                   Obj("yellow", "diamond", "big", 0, 3)))
+    stand_out = {}
+    for s in scene_clients():
+        spec = _clean(s, jitter=0.0, clutter_n=(0, 0), occluders=(0, 0))
+        img = spec.render(scene, np.random.default_rng(0)).astype(float)
+        bg = np.asarray(_background(s.name), dtype=float)
+        stand_out[s.name] = np.mean([np.abs(img - bg)[o.row * 12 + 5:o.row * 12 + 7, o.col * 12 + 5:o.col * 12 + 7].mean()
+                                     for o in scene.objects])
+    assert max(stand_out.values()) > 1.3 * min(stand_out.values()), stand_out
+    assert min(stand_out, key=stand_out.get) == "transport"  # dim objects on asphalt
+    # and each scene type strews its own clutter, under one of several viewing conditions
+    specs = scene_clients()
+    assert len({s.clutter for s in specs}) == len(specs)
+    assert len({(s.contrast, s.blur, s.noise) for s in specs}) >= 4
+
+
+def test_render_scene_draws_a_scene_type_and_refuses_an_unknown_one():
+    scene = Scene((Obj("red", "square", "big", 1, 1),))
+    a = render_scene(scene, "home", np.random.default_rng(0))
+    b = render_scene(scene, "home", np.random.default_rng(0))
+    assert a.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and a.dtype == np.uint8 and (a == b).all()
+    with pytest.raises(ValueError, match="unknown scene type"):
+        render_scene(scene, "moon", np.random.default_rng(0))
 
 
 def test_js_divergence_by_hand():
@@ -274,8 +347,23 @@ def test_background_is_image_sized():
 
 @pytest.mark.integration
 def test_the_flower_engine_runs_a_new_benchmark(tiny_config):
-    from feddat.federation.flower_app import run_flower
+    from feddat.federation.flower.server_app import run_flower
 
     cfg = tiny_config(benchmark="function", rounds=1, method="feddat", engine="flower")
     data = run_flower(cfg, out_dir=None, progress=False)
     assert list(data["final"]["clients"]) == list(FUNCTIONS)
+
+
+def test_a_client_whose_data_leave_a_split_empty_is_named(monkeypatch, tmp_path):
+    """Real data too small for the validation split: a one-line error naming the client and the fix, not an
+    IndexError from the tokenizer."""
+    from feddat.data import benchmarks
+    from feddat.data.sizes import Sizes
+    from feddat.errors import FedDATError
+
+    recs = benchmarks.client_records("domain", 0, Sizes(8, 4, 8), tmp_path)
+    first = next(iter(recs))
+    recs[first]["val"].questions = []  # what a too-small real dataset leaves for the split
+    monkeypatch.setattr(benchmarks, "client_records", lambda *a, **k: recs)
+    with pytest.raises(FedDATError, match=f"client {first} has no val questions.*--val-per-client"):
+        benchmarks.load_benchmark("domain", 0, Sizes(8, 4, 8), None, 12, tmp_path)

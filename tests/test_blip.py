@@ -55,7 +55,7 @@ def blip_model_dir(tmp_path_factory):
 @pytest.fixture()
 def tiny(blip_vqa_dir):
     backbone, tokenizer = load_backbone(blip_vqa_dir, family="blip")
-    model = adapt_backbone(backbone, FedDAT.adapters, reduction=4)
+    model = adapt_backbone(backbone, FedDAT.adapters, reduction=4, views=FedDAT.views)
     randomise_adapters(model)
     return model, tokenizer
 

@@ -10,8 +10,9 @@ import torch
 
 from feddat.cli import main
 from feddat.errors import FedDATError
-from feddat.models.backbone import CHECKSUM_FILE, EMBEDDED_DIRS, embedded_dir, load_backbone
+from feddat.models.backbone import EMBEDDED_DIRS, embedded_dir, load_backbone
 from feddat.models.blip import encode
+from feddat.models.checkpoints import CHECKSUM_FILE
 
 
 def test_the_shipped_blip_loads_frozen_and_encodes():
@@ -70,7 +71,7 @@ def test_a_run_with_backbone_blip_uses_the_shipped_one(tmp_path):
     meta = json.loads((out / "clients" / client / "client.json").read_text())
     assert meta["backbone"]["family"] == "blip" and meta["backbone"]["model_path"] == "embedded"
     weights = embedded_dir("blip") / "model.safetensors"
-    from feddat.models.backbone import file_sha256
+    from feddat.models.checkpoints import file_sha256
 
     assert meta["backbone"]["sha256"] == file_sha256(weights)
     # predict and eval find the shipped BLIP from client.json alone

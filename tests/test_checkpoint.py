@@ -17,13 +17,7 @@ from feddat.errors import FedDATError
 from feddat.federation.checkpoint import (check_fits, complete_checkpoints, load_checkpoint, read_checkpoint,
                                           resume_config)
 from feddat.federation.inprocess import build, run
-
-
-def numbers(results: dict) -> tuple:
-    """What a run computed (not how long it took)."""
-    return ([r["train"] for r in results["rounds"]], [r.get("test") for r in results["rounds"]],
-            [r.get("update_norms") for r in results["rounds"]], results["final"]["clients"],
-            results["final"]["views"], results["final"]["avg_score_se"])
+from tiny import run_numbers
 
 
 def cli_flags(cfg) -> list[str]:
@@ -39,7 +33,7 @@ def newest_round(out: Path) -> int:
 
 
 @pytest.mark.integration
-def test_run_killed_mid_round_resumes_to_the_same_numbers(tiny_config, tmp_path, capsys):
+def test_run_killed_mid_round_resumes_to_the_same_run_numbers(tiny_config, tmp_path, capsys):
     cfg = tiny_config(rounds=8, seed=5)
     reference = run(cfg, progress=False)
     out = tmp_path / "run"
@@ -62,7 +56,7 @@ def test_run_killed_mid_round_resumes_to_the_same_numbers(tiny_config, tmp_path,
     shutil.copytree(out, damaged)
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     resumed = json.loads((out / "results.json").read_text())
-    assert numbers(resumed) == numbers(reference)          # bit for bit
+    assert run_numbers(resumed) == run_numbers(reference)          # bit for bit
     assert newest_round(out) == cfg.rounds and len(complete_checkpoints(out)) == 2
 
     # a truncated file of the newest checkpoint: reported by name, the previous checkpoint is used
@@ -75,7 +69,7 @@ def test_run_killed_mid_round_resumes_to_the_same_numbers(tiny_config, tmp_path,
     assert main(["run", "--resume", str(damaged), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert str(victim) in err and "using the previous checkpoint" in err and f"round-{done - 1:04d}" in err
-    assert numbers(json.loads((damaged / "results.json").read_text())) == numbers(reference)
+    assert run_numbers(json.loads((damaged / "results.json").read_text())) == run_numbers(reference)
 
 
 def test_checkpoints_are_kept_two_deep_and_damage_is_named(tiny_config, tmp_path):

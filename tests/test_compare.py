@@ -17,7 +17,7 @@ from feddat.algorithms.registry import METHODS
 from feddat.cli import main
 from feddat.config import RunConfig
 from feddat.errors import FedDATError
-from feddat.eval.compare import resolve_methods, run_comparison
+from feddat.eval.sweep import resolve_methods, run_comparison
 from feddat.eval.tune import parse_grid, run_tune
 
 TINY = dict(rounds=2, train_per_client=32, val_per_client=8, test_per_client=32, batch_size=16, threads=1,
@@ -155,7 +155,8 @@ def _fake_results(cfg: RunConfig) -> dict:
 
 
 def test_methods_all_covers_every_registered_method_and_says_which_cannot_run(base, tmp_path):
-    everything = [m for m in METHODS if m not in ("feddat-kd-student", "feddat-kd-teacher")]  # the probes
+    everything = [m for m in METHODS if METHODS[m].in_all]  # not the probes: one-way distillation, authors' code
+    assert "feddat-kd-student" not in everything and "feddat-authors" not in everything
     assert resolve_methods("all") == everything and "centralised-adapter" in everything
     ran = []
 
@@ -299,7 +300,7 @@ def test_tune_reports_an_invalid_setting_and_never_selects_it(base, tmp_path):
     ([], "at least one --grid"),
     (["lr_head"], "KEY=V1,V2"),
     (["seed=0,1"], "cannot vary seed"),
-    (["lr_head=a,b"], "lr_head='a': expected float"),
+    (["lr_head=a,b"], "lr-head='a': expected float"),
     (["nope=1,2"], "unknown config key 'nope'"),
     (["lr_head=1,1"], "repeats a value"),
 ])
@@ -345,7 +346,7 @@ def test_parallel_jobs_give_the_sequential_table(base, compared, tmp_path):
 
 def test_table_of_many_clients_summarises_them():
     """Past CLIENT_COLUMNS_UP_TO clients, table.md gives the median and 10th-percentile client, not 100 columns."""
-    from feddat.eval.compare import CLIENT_COLUMNS_UP_TO, markdown_table
+    from feddat.eval.tables import CLIENT_COLUMNS_UP_TO, markdown_table
 
     def table(n):
         clients = [f"part-{i:02d}" for i in range(n)]

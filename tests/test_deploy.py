@@ -1,5 +1,5 @@
-"""A real Flower deployment on loopback (feddat.federation.deploy): SuperLink and SuperNodes as processes, TLS,
-SuperNode authentication, secure aggregation, a SuperNode killed mid-round. Every test stops every process it
+"""A real Flower deployment on loopback (feddat.federation.deploy): SuperLink and SuperNodes as processes,
+TLS, SuperNode authentication, secure aggregation, a SuperNode killed mid-round. Every test stops every process it
 started, also when it fails (the Deployment context manager)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from feddat.errors import FedDATError
+from tiny import close
 
 TOL = 1e-6
 SECURE_TOL = 1e-5   # SecAgg+ quantises each value to 16 / 2**22, about 4e-6
@@ -31,12 +32,8 @@ def _same_config(got: dict, cfg) -> bool:
         {k: v for k, v in cfg.to_dict().items() if k != "engine"}
 
 
-def _close(a: dict, b: dict, tol: float) -> bool:
-    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol for k in a)
-
-
 def _no_process_left(deployment) -> None:
-    from feddat.federation.deploy import running
+    from feddat.federation.deploy.processes import running
 
     assert not deployment.processes and deployment.stopped
     left = [pid for pid, started in deployment.stopped if running((pid, started))]
@@ -50,7 +47,7 @@ def test_credentials_are_what_flower_loads(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-    from feddat.federation.deploy import write_node_key, write_tls_files
+    from feddat.federation.deploy.certificates import write_node_key, write_tls_files
 
     tls = write_tls_files(tmp_path / "tls")
     ca = x509.load_pem_x509_certificate(tls.ca.read_bytes())
@@ -68,7 +65,7 @@ def test_credentials_are_what_flower_loads(tmp_path):
 
 def test_bad_deployment_inputs_are_refused(tmp_path, capsys):
     from feddat.cli import main
-    from feddat.federation.deploy import Deployment, parse_run_config, toml_text
+    from feddat.federation.deploy.deployment import Deployment, parse_run_config, toml_text
 
     assert parse_run_config("rounds=2 model-path='/a b/c' method=fedavg-adapter secure-aggregation=true") == \
         {"rounds": 2, "model-path": "/a b/c", "method": "fedavg-adapter", "secure-aggregation": True}
@@ -114,7 +111,7 @@ def test_clients_and_secure_aggregation_are_validated(tiny_config):
 
 
 def test_the_securely_aggregated_mean_is_checked_before_use():
-    from feddat.federation.secagg import new_global
+    from feddat.federation.flower.secagg import new_global
 
     ref = {"a": torch.zeros(2, 3), "b": torch.ones(4)}
     change = {"a": torch.full((6,), 0.5, dtype=torch.float64), "b": torch.zeros(4, dtype=torch.float64)}
@@ -134,7 +131,8 @@ def test_deployment_with_tls_and_authentication(tiny_config, tmp_path):
     """The CI deployment: a SuperLink and 3 SuperNodes as processes on loopback, TLS and SuperNode authentication
     on, 2 rounds. SuperNodes without valid credentials are refused; the run gives the in-process engine's
     numbers; every process is gone afterwards."""
-    from feddat.federation.deploy import Deployment, write_node_key, write_tls_files
+    from feddat.federation.deploy.certificates import write_node_key, write_tls_files
+    from feddat.federation.deploy.deployment import Deployment
     from feddat.federation.inprocess import run
 
     t0 = time.time()
@@ -161,8 +159,8 @@ def test_deployment_with_tls_and_authentication(tiny_config, tmp_path):
     for g, r in zip(got["rounds"], ref["rounds"]):
         assert "missing_clients" not in g and g["bytes_sent"] == r["bytes_sent"]
         for client in r["train"]:
-            assert _close(g["train"][client], r["train"][client], TOL), (g["round"], client)
-    assert _close(got["final"]["clients"], ref["final"]["clients"], TOL)
+            assert close(g["train"][client], r["train"][client], TOL), (g["round"], client)
+    assert close(got["final"]["clients"], ref["final"]["clients"], TOL)
     assert sorted(p.name for p in (tmp_path / "deploy" / "out" / "clients").iterdir()) == ["clipart", "night",
                                                                                            "textured"]
     print(f"deployment with TLS and SuperNode authentication: {time.time() - t0:.0f} s")
@@ -174,7 +172,7 @@ def test_deployment_with_secure_aggregation(tiny_config, tmp_path):
     part but no update norms (it never sees an update), and the global adapter it unmasks equals the plain
     weighted mean of the in-process engine to SecAgg+'s quantisation."""
     from feddat.federation.checkpoint import load_checkpoint
-    from feddat.federation.deploy import Deployment
+    from feddat.federation.deploy.deployment import Deployment
     from feddat.federation.inprocess import run
 
     t0 = time.time()
@@ -189,7 +187,7 @@ def test_deployment_with_secure_aggregation(tiny_config, tmp_path):
     assert g["secure_aggregation"] == {"protocol": "SecAgg+", "clients": ["clipart", "night", "textured"]}
     assert "missing_clients" not in g and "update_norms" not in g
     for client in r["train"]:
-        assert _close(g["train"][client], r["train"][client], TOL), client
+        assert close(g["train"][client], r["train"][client], TOL), client
     secure, plain = load_checkpoint(d.out).global_state, load_checkpoint(tmp_path / "ref").global_state
     assert secure.keys() == plain.keys()
     for key in plain:
@@ -206,7 +204,7 @@ def test_a_killed_supernode_does_not_stop_the_federation(tiny_config, tmp_path):
     trained and before it answered. Round 1 aggregates the other two and results.json names night as missing;
     night's SuperNode, restarted with its key and client-state-dir (as a supervisor would), serves the next
     rounds and the final evaluation from its saved state."""
-    from feddat.federation.deploy import Deployment
+    from feddat.federation.deploy.deployment import Deployment
 
     t0 = time.time()
     cfg = tiny_config(clients=3, eval_every=2, round_timeout=120.0, fault_injection="slow:night@1=600")

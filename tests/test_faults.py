@@ -6,14 +6,10 @@ import pytest
 import torch
 
 from feddat.errors import FedDATError
-from feddat.federation.faults import Fault, InjectedFault, check_crash, corrupt, delay, parse_faults
+from feddat.fault_spec import Fault, parse_faults
+from feddat.federation.faults import InjectedFault, check_crash, corrupt, delay
 from feddat.federation.inprocess import run
-
-
-def numbers(results: dict) -> tuple:
-    """What a run computed (not how long it took)."""
-    return ([r["train"] for r in results["rounds"]], [r.get("test") for r in results["rounds"]],
-            results["final"]["clients"], results["final"]["views"])
+from tiny import run_numbers
 
 
 def test_fault_grammar():
@@ -80,16 +76,16 @@ def test_too_few_clients_stops_the_run_with_a_clear_error(tiny_config):
         run(tiny_config(rounds=1, fault_injection="nan:night", aggregation="krum"), progress=False)
 
 
-def test_a_retry_of_a_flaky_client_gives_the_fault_free_numbers(tiny_config):
+def test_a_retry_of_a_flaky_client_gives_the_fault_free_run_numbers(tiny_config):
     clean = run(tiny_config(rounds=2, min_clients=5), progress=False)
     flaky = run(tiny_config(rounds=2, min_clients=5, round_retries=1, fault_injection="flaky:textured@2"),
                 progress=False)
     assert flaky["rounds"][1]["attempts"] == 2 and "missing_clients" not in flaky["rounds"][1]
-    assert numbers(flaky) == numbers(clean)
+    assert run_numbers(flaky) == run_numbers(clean)
     # without min-clients the round goes on without it (default min-clients=1), and the numbers differ
     partial = run(tiny_config(rounds=2, fault_injection="flaky:textured@2"), progress=False)
     assert "textured" in partial["rounds"][1]["missing_clients"] and "attempts" not in partial["rounds"][1]
-    assert numbers(partial) != numbers(clean)
+    assert run_numbers(partial) != run_numbers(clean)
 
 
 def test_a_late_answer_is_missing_with_a_timeout(tiny_config):
@@ -109,7 +105,7 @@ def test_robust_rules_and_dp_run_end_to_end_and_are_recorded(tiny_config):
             assert len(entry["aggregated_clients"]) == 4
     dp = tiny_config(rounds=2, aggregation="equal", dp_clip=0.05, dp_noise_multiplier=1.0)
     a, b = run(dp, progress=False), run(dp, progress=False)
-    assert numbers(a) == numbers(b)                                   # the noise is seeded
+    assert run_numbers(a) == run_numbers(b)                                   # the noise is seeded
     assert a["privacy"]["dp_clip"] == 0.05 and a["privacy"]["dp_noise_multiplier"] == 1.0
     assert a["privacy"]["epsilon"] == pytest.approx(2 / 2 + (2 * 2 * 11.512925464970229) ** 0.5)
     for r in a["rounds"]:

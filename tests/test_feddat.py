@@ -2,26 +2,14 @@
 
 import copy
 
-import pytest
 import torch
 
 from feddat.algorithms.base import LocalConfig
 from feddat.algorithms.feddat import FedDAT
 from feddat.algorithms.losses import kd_loss, task_loss
 from feddat.models.adapters import AdapterSlot
-from feddat.models.backbone import load_backbone
-from feddat.models.vl import AnswerHead, adapt_vilt, pooled_features
-from tiny import randomise_adapters, tiny_batch
-
-
-@pytest.fixture()
-def tiny(tiny_backbone_dir):
-    backbone, tokenizer = load_backbone(tiny_backbone_dir)
-    model = adapt_vilt(backbone, FedDAT.adapters, reduction=4)
-    randomise_adapters(model)
-    torch.manual_seed(1)
-    head = AnswerHead(backbone.config.hidden_size, 4)
-    return model, head, tokenizer
+from feddat.models.vl import pooled_features
+from tiny import tiny_batch
 
 
 def test_slot_adds_the_weighted_mix_of_adapter_outputs():
@@ -133,7 +121,7 @@ def test_efficient_step_equals_three_forward_form(tiny):
 
     for _ in range(2):
         method.train_step(model, head, batch, sgd(model, head), cfg)
-        _reference_three_forward_step(twin_model, twin_head, batch, sgd(twin_model, twin_head), cfg.kd_temperature)
+        _reference_three_forward_step(twin_model, twin_head, batch, sgd(twin_model, twin_head), method.config.kd_temperature)
     for (k, a), (_, b) in zip(model.state_dict().items(), twin_model.state_dict().items()):
         assert torch.allclose(a, b, rtol=0, atol=1e-12), k
     for (k, a), (_, b) in zip(head.state_dict().items(), twin_head.state_dict().items()):

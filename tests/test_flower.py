@@ -5,18 +5,20 @@ from __future__ import annotations
 import pytest
 
 from feddat.config import RunConfig
+from tiny import close
 
 TOL = 1e-6
 
 
-def test_flower_app_config_is_valid_and_matches_runconfig():
+def test_flower_run_config_is_valid_and_matches_runconfig():
     """pyproject's Flower run config is accepted by flwr and gives RunConfig's defaults; records round-trip."""
     import tomllib
     from pathlib import Path
 
     from flwr.cli.config_utils import load_and_validate
 
-    from feddat.federation.flower_app import client_index, config_from_values, config_to_record
+    from feddat.federation.flower.client_app import client_index
+    from feddat.federation.flower.records import config_from_values, config_to_record
 
     pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
     load_and_validate(pyproject, check_module=True)
@@ -35,13 +37,9 @@ def test_flower_app_config_is_valid_and_matches_runconfig():
             client_index(bad, 5)
 
 
-def _close(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= TOL for k in a)
-
-
 @pytest.mark.integration
 def test_flower_matches_inprocess(tiny_config, tmp_path):
-    from feddat.federation.flower_app import run_flower
+    from feddat.federation.flower.server_app import run_flower
     from feddat.federation.inprocess import run
 
     cfg = tiny_config(method="feddat")
@@ -60,27 +58,27 @@ def test_flower_matches_inprocess(tiny_config, tmp_path):
         assert g["bytes_sent"] == r["bytes_sent"]
         assert g["train"].keys() == r["train"].keys()
         for client in r["train"]:
-            assert _close(g["train"][client], r["train"][client]), (g["round"], client)
-        assert _close(g["test"], r["test"]), g["round"]
+            assert close(g["train"][client], r["train"][client]), (g["round"], client)
+        assert close(g["test"], r["test"]), g["round"]
         assert abs(g["avg_score"] - r["avg_score"]) <= TOL
         assert "missing_clients" not in g
     gf, rf = got["final"], ref["final"]
-    assert _close(gf["clients"], rf["clients"])
+    assert close(gf["clients"], rf["clients"])
     assert abs(gf["avg_score"] - rf["avg_score"]) <= TOL
     assert abs(gf["avg_score_se"] - rf["avg_score_se"]) <= TOL
     assert gf["views"].keys() == rf["views"].keys() == {"teacher", "student", "local"}
     for view in rf["views"]:
-        assert _close(gf["views"][view]["clients"], rf["views"][view]["clients"]), view
+        assert close(gf["views"][view]["clients"], rf["views"][view]["clients"]), view
     assert gf.get("breakdown", {}).keys() == rf.get("breakdown", {}).keys()
     for client in rf.get("breakdown", {}):
-        assert _close(gf["breakdown"][client], rf["breakdown"][client]), client
+        assert close(gf["breakdown"][client], rf["breakdown"][client]), client
 
 
 @pytest.mark.integration
 def test_flower_faults_and_dp_match_inprocess(tiny_config):
     """Crashed, flaky (retried) and hostile clients and central DP: both engines leave out, reject, retry and
     aggregate alike."""
-    from feddat.federation.flower_app import run_flower
+    from feddat.federation.flower.server_app import run_flower
     from feddat.federation.inprocess import run
 
     cfg = tiny_config(method="feddat", aggregation="equal", min_clients=4, round_retries=1, dp_clip=0.2,
@@ -93,20 +91,20 @@ def test_flower_faults_and_dp_match_inprocess(tiny_config):
         for key in ("missing_clients", "rejected_clients"):
             assert g.get(key, {}).keys() == r.get(key, {}).keys(), (g["round"], key)
         assert g.get("attempts") == r.get("attempts")
-        assert _close(g["update_norms"], r["update_norms"]) and g["bytes_sent"] == r["bytes_sent"]
+        assert close(g["update_norms"], r["update_norms"]) and g["bytes_sent"] == r["bytes_sent"]
         assert g["dp"]["noise_std"] == r["dp"]["noise_std"] and g["dp"]["clipped_clients"] == r["dp"]["clipped_clients"]
         for client in r["train"]:
-            assert _close(g["train"][client], r["train"][client]), (g["round"], client)
-        assert _close(g["test"], r["test"])
+            assert close(g["train"][client], r["train"][client]), (g["round"], client)
+        assert close(g["test"], r["test"])
     assert ref["rounds"][0]["attempts"] == 2 and set(ref["rounds"][0]["rejected_clients"]) == {"night"}
     assert got["rounds"][1]["missing_clients"]["textured"] == "failed: injected crash of client textured in round 2"
-    assert _close(got["final"]["clients"], ref["final"]["clients"])
+    assert close(got["final"]["clients"], ref["final"]["clients"])
 
 
 @pytest.mark.integration
 def test_flower_round_failure_is_raised(tiny_config):
     from feddat.errors import FedDATError
-    from feddat.federation.flower_app import run_flower
+    from feddat.federation.flower.server_app import run_flower
 
     with pytest.raises(FedDATError, match="round 1 failed: 4 of 5 clients .* min-clients=5"):
         run_flower(tiny_config(rounds=1, min_clients=5, fault_injection="crash:sketch@1"), progress=False)
@@ -121,7 +119,7 @@ def test_flower_run_resumes_from_its_checkpoint(tiny_config, tmp_path):
 
     from feddat.errors import FedDATError
     from feddat.federation.checkpoint import complete_checkpoints, load_checkpoint
-    from feddat.federation.flower_app import run_flower
+    from feddat.federation.flower.server_app import run_flower
 
     cfg = tiny_config(rounds=3, client_state_dir=str(tmp_path / "states"), fault_injection="crash:night@3")
     out = tmp_path / "run"
@@ -145,7 +143,7 @@ def test_flower_run_resumes_from_its_checkpoint(tiny_config, tmp_path):
 def test_flower_task_benchmark_matches_inprocess(tiny_config):
     """Clients with different heads (VQA soft scores, image pairs, entailment, multiple choice) on Flower: the
     same numbers as in-process, and results.json says each client's task and metric."""
-    from feddat.federation.flower_app import run_flower
+    from feddat.federation.flower.server_app import run_flower
     from feddat.federation.inprocess import run
 
     cfg = tiny_config(benchmark="task", rounds=1)
@@ -155,4 +153,4 @@ def test_flower_task_benchmark_matches_inprocess(tiny_config):
     assert {c: t["task"] for c, t in got["tasks"].items()} == \
         {"vqa": "vqa", "pair": "pair", "entailment": "entailment", "choice": "choice"}
     assert got["tasks"]["vqa"]["metric"] == "vqa-score"
-    assert _close(got["final"]["clients"], ref["final"]["clients"])
+    assert close(got["final"]["clients"], ref["final"]["clients"])

@@ -7,30 +7,18 @@ import pytest
 import torch
 
 from feddat.algorithms.base import LocalConfig
-from feddat.algorithms.feddat import FedDAT
+from feddat.algorithms.feddat import FedDAT, FedDATConfig
 from feddat.algorithms.losses import kd_loss, task_loss
 from feddat.config import RunConfig
 from feddat.errors import FedDATError
 from feddat.models.adapters import AdapterSlot
-from feddat.models.backbone import load_backbone, random_backbone, vilt_config
-from feddat.models.vl import AnswerHead, adapt_vilt, pooled_features, pooled_features_of_views
-from tiny import QUESTIONS, randomise_adapters, tiny_batch
+from feddat.models.backbone import random_backbone, vilt_config
+from feddat.models.vl import pooled_features, pooled_features_of_views
+from tiny import QUESTIONS, tiny_batch
 
 
 def _batch3(tokenizer, n=6, seed=0):
     return tiny_batch(tokenizer, n, seed, QUESTIONS + ("how many",))
-
-
-@pytest.fixture()
-def tiny(tiny_backbone_dir):
-    backbone, tokenizer = load_backbone(tiny_backbone_dir)
-    model = adapt_vilt(backbone, FedDAT.adapters, reduction=4)
-    randomise_adapters(model)
-    for p in model.adapter_parameters("global_frozen"):
-        p.requires_grad_(False)
-    torch.manual_seed(1)
-    head = AnswerHead(backbone.config.hidden_size, 4)
-    return model, head, tokenizer
 
 
 def test_split_view_applies_one_mix_per_part_of_the_batch():
@@ -77,8 +65,8 @@ def test_fused_step_equals_unfused_step(tiny, optimizer):
 
     opt, twin_opt = make_opt(model, head), make_opt(twin_model, twin_head)
     for _ in range(2):
-        unfused = method.train_step(model, head, batch, opt, LocalConfig(fused=False))
-        fused = method.train_step(twin_model, twin_head, batch, twin_opt, LocalConfig(fused=True))
+        unfused = method.train_step(model, head, batch, opt, LocalConfig())
+        fused = FedDAT(FedDATConfig(fused=True)).train_step(twin_model, twin_head, batch, twin_opt, LocalConfig())
         assert unfused.keys() == fused.keys()
         assert all(abs(unfused[k] - fused[k]) < 1e-12 for k in unfused), (unfused, fused)
     for (k, a), (_, b) in zip(model.state_dict().items(), twin_model.state_dict().items()):
@@ -105,10 +93,10 @@ def test_step_passes(tiny, fused, first, last, backward):
     encoder, no third forward. Fused: one forward and one backward over the batch taken twice. Both: the frozen
     first layer, before any adapter, runs once."""
     model, head, tokenizer = tiny
-    method = FedDAT()
+    method = FedDAT(FedDATConfig(fused=fused))
     opt = torch.optim.SGD(method.param_groups(model, head, LocalConfig()), lr=0.1)
     seen = _count_passes(model)
-    method.train_step(model, head, _batch3(tokenizer), opt, LocalConfig(fused=fused))
+    method.train_step(model, head, _batch3(tokenizer), opt, LocalConfig())
     assert seen == (first, last, backward)
 
 
@@ -145,7 +133,7 @@ def test_unfused_step_is_bitwise_the_two_pass_step(tiny):
     opt, twin_opt = adamw(model, head), adamw(twin_model, twin_head)
     for _ in range(3):
         method.train_step(model, head, batch, opt, cfg)
-        _two_pass_step(twin_model, twin_head, batch, twin_opt, cfg.kd_temperature)
+        _two_pass_step(twin_model, twin_head, batch, twin_opt, method.config.kd_temperature)
     for (k, a), (_, b) in zip(model.state_dict().items(), twin_model.state_dict().items()):
         assert torch.equal(a, b), k
     for (k, a), (_, b) in zip(head.state_dict().items(), twin_head.state_dict().items()):
@@ -172,7 +160,7 @@ def test_fused_run_matches_unfused_run(tiny_config):
     results = []
     for fused in (False, True):
         cfg = tiny_config(method="feddat", fused=fused)
-        assert cfg.local.fused is fused
+        assert cfg.method_config.fused is fused
         setup = build(cfg)
         client = setup.clients[0]
         state = setup.worker.initial_state(0, len(client.answers), 0)
@@ -188,12 +176,12 @@ def test_fused_run_matches_unfused_run(tiny_config):
 def test_fused_option_is_validated_and_parsed():
     from feddat.cli import parser
 
-    assert RunConfig().fused is False and RunConfig().local.fused is False
+    assert RunConfig().fused is False and RunConfig().validate().method_config.fused is False
     with pytest.raises(FedDATError, match="fused"):
         RunConfig(fused="yes").validate()
-    args = parser().parse_args(["run", "--fused", "false"])
-    assert args.fused is False
-    assert parser().parse_args(["run", "--fused", "true"]).fused is True
+    assert parser().parse_args(["run", "--no-fused"]).fused is False
+    assert parser().parse_args(["run", "--fused"]).fused is True
+    assert parser().parse_args(["run"]).fused is None  # not given: --config or the default decides
 
 
 def test_named_sizes_build_the_architectures():

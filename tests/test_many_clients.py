@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from feddat.config import RunConfig
-from feddat.data.benchmarks import Sizes, client_records
+from feddat.data.benchmarks import client_records
 from feddat.data.partition import Partition, partition_client_names, split_sizes
+from feddat.data.sizes import Sizes
 from feddat.errors import FedDATError
-from feddat.federation.sampling import round_size, sample_clients
+from feddat.config import round_size
+from feddat.federation.sampling import sample_clients
 
 
 # ----- sampling -----
@@ -272,7 +274,7 @@ def test_resume_with_sampling_gives_the_uninterrupted_run(tiny_config, tmp_path)
 # ----- both engines -----
 @pytest.mark.integration
 def test_flower_with_sampling_and_partitions_matches_inprocess(tiny_config, tmp_path):
-    from feddat.federation.flower_app import run_flower
+    from feddat.federation.flower.server_app import run_flower
     from feddat.federation.inprocess import run
 
     cfg = tiny_config(partition="dirichlet", num_clients=8, clients_per_round=3, rounds=2, seed=2,
@@ -297,7 +299,7 @@ def _to_client(kind: str, index: int, cfg, server_round: int, global_state=None,
 
     from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
-    from feddat.federation.flower_app import ARRAYS, CONFIG, RUN_CONFIG, config_to_record, state_to_record
+    from feddat.federation.flower.records import ARRAYS, CONFIG, RUN_CONFIG, config_to_record, state_to_record
 
     meta = Metadata(run_id=7, message_id=f"{kind}-{server_round}-{index}", src_node_id=0, dst_node_id=index + 1,
                     reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=3600,
@@ -319,7 +321,7 @@ def _train_round_one(cfg, contexts):
     """Every node answers the query, then the clients sampled for round 1 train; returns their indices."""
     from flwr.app import MessageType
 
-    from feddat.federation.flower_app import client_app, get_setup
+    from feddat.federation.flower.client_app import client_app, get_setup
 
     for i, context in enumerate(contexts):
         client_app(_to_client(MessageType.QUERY, i, cfg, 0), context)
@@ -337,7 +339,8 @@ def test_flower_nodes_keep_private_state_only_in_client_state_dir(tiny_config, t
     from flwr.app import MessageType
 
     from feddat.federation.client_state import node_states
-    from feddat.federation.flower_app import STATE_KEY, client_app, get_setup
+    from feddat.federation.flower.client_app import client_app, get_setup
+    from feddat.federation.flower.records import STATE_KEY
 
     values = dict(partition="iid", num_clients=6, clients_per_round=2, rounds=2, engine="flower")
     memory = tiny_config(**values)
@@ -370,7 +373,7 @@ def test_flower_with_many_clients_keeps_state_in_a_temporary_directory(tiny_conf
 
     from feddat.federation.client_state import (STATES_IN_MEMORY_UP_TO, remove_temporary_node_dirs,
                                                 temporary_node_dir)
-    from feddat.federation.flower_app import client_app, get_setup
+    from feddat.federation.flower.client_app import client_app, get_setup
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
@@ -401,7 +404,7 @@ def test_flower_with_many_clients_matches_inprocess_and_leaves_no_state_files(ti
     import tempfile
     from pathlib import Path
 
-    from feddat.federation.flower_app import run_flower
+    from feddat.federation.flower.server_app import run_flower
     from feddat.federation.inprocess import run
 
     cfg = tiny_config(partition="iid", num_clients=33, clients_per_round=20, rounds=2, seed=3, train_per_client=48,

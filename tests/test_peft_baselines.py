@@ -63,7 +63,7 @@ def test_backbone_methods_never_touch_the_shared_backbone(tiny_backbone_dir):
     backbone, _ = load_backbone(tiny_backbone_dir)
     before = copy.deepcopy(backbone.state_dict())
     for name in ("fedavg-bitfit", "fedavg-full", "fedavg-lora", "fedavg-prompt"):
-        worker = Worker(get_method(name), backbone, 4, LocalConfig(lora_rank=4))
+        worker = Worker(get_method(name, {"lora_rank": 4}), backbone, 4, LocalConfig())
         assert worker.model.backbone is not backbone
     assert backbone.state_dict().keys() == before.keys()
     assert all(torch.equal(backbone.state_dict()[k], v) for k, v in before.items())
@@ -173,7 +173,7 @@ def test_flower_matches_inprocess(tiny_config, method):
     """On Flower the clients keep their private state (APFL's alpha) in the node's context between rounds, and
     shared tensors other than an adapter (LoRA's) travel in the same records: the numbers are the in-process
     engine's."""
-    from feddat.federation.flower_app import run_flower
+    from feddat.federation.flower.server_app import run_flower
 
     cfg = tiny_config(method=method, lora_rank=4, apfl_alpha_lr=50.0)
     ref = run(cfg, progress=False)

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from feddat.algorithms.base import LocalConfig
-from feddat.algorithms.baselines import FedProxAdapter
+from feddat.algorithms.baselines import FedProxAdapter, FedProxConfig
 from feddat.algorithms.losses import clipped_sgd_step, proximal_term, task_loss
-from feddat.algorithms.personalised import ALPHA, APFLAdapter, DittoAdapter, FedRepAdapter
+from feddat.algorithms.personalised import (ALPHA, APFLAdapter, APFLConfig, DittoAdapter, DittoConfig, FedRepAdapter,
+                                            FedRepConfig)
 from feddat.models.adapters import AdapterSlot, ParameterMix
 from feddat.models.backbone import load_backbone
 from feddat.models.vl import AnswerHead, adapt_vilt, pooled_features
@@ -20,7 +21,7 @@ from tiny import tiny_batch
 def _tiny(backbone_dir, method, seed=0):
     """The tiny backbone with the method's adapters (random, so that they differ) and a head."""
     backbone, tokenizer = load_backbone(backbone_dir)
-    model = adapt_vilt(backbone, method.adapters, reduction=4)
+    model = adapt_vilt(backbone, method.adapters, reduction=4, views=method.views)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in method.adapters:
@@ -67,10 +68,10 @@ def test_proximal_gradient_is_coefficient_times_difference():
 
 
 def test_ditto_personal_step_is_task_gradient_plus_lambda_times_distance_to_received_global(tiny_backbone_dir):
-    method = DittoAdapter()
+    method = DittoAdapter(DittoConfig(ditto_lambda=0.7))
     model, head, tokenizer = _tiny(tiny_backbone_dir, method)
     batch = tiny_batch(tokenizer)
-    cfg = LocalConfig(ditto_lambda=0.7)
+    cfg = LocalConfig()
     method.begin_round(model)
     received = [p.detach().clone() for p in model.adapter_parameters("global")]
     local = model.adapter_parameters("local")
@@ -90,10 +91,10 @@ def test_ditto_personal_step_is_task_gradient_plus_lambda_times_distance_to_rece
 
 
 def test_fedprox_gradient_adds_mu_times_distance_to_received_global(tiny_backbone_dir):
-    method = FedProxAdapter()
+    method = FedProxAdapter(FedProxConfig(fedprox_mu=2.0))
     model, head, tokenizer = _tiny(tiny_backbone_dir, method)
     batch = tiny_batch(tokenizer)
-    cfg = LocalConfig(fedprox_mu=2.0)
+    cfg = LocalConfig()
     method.begin_round(model)
     received = [p.detach().clone() for p in model.adapter_parameters("global")]
     with torch.no_grad():  # as if some local steps had moved the adapter away from what was received
@@ -117,18 +118,18 @@ def _changed(before, after):
 
 
 def test_fedrep_trains_the_head_then_the_adapter(tiny_backbone_dir):
-    method = FedRepAdapter()
+    method = FedRepAdapter(FedRepConfig(fedrep_head_epochs=2))
     model, head, tokenizer = _tiny(tiny_backbone_dir, method)
-    cfg = LocalConfig(fedrep_head_epochs=2, local_epochs=1)
+    cfg = LocalConfig(local_epochs=1)
     assert method.local_epochs(cfg) == 3
     opt = torch.optim.AdamW(method.param_groups(model, head, cfg), weight_decay=cfg.weight_decay)
     phases = []
     for epoch in range(method.local_epochs(cfg)):
-        method.begin_epoch(epoch, cfg)
+        method.begin_epoch(model, epoch, cfg)
         m0, h0 = _snapshot(model, head)
         method.train_step(model, head, tiny_batch(tokenizer, seed=epoch), opt, cfg)
         m1, h1 = _snapshot(model, head)
-        phases.append((method.phase, _changed(m0, m1), _changed(h0, h1), set(h0)))
+        phases.append((model.round_state["phase"], _changed(m0, m1), _changed(h0, h1), set(h0)))
     assert [p[0] for p in phases] == ["head", "head", "adapter"]
     for phase, model_changed, head_changed, head_keys in phases:
         if phase == "head":
@@ -169,21 +170,21 @@ def test_clipped_sgd_step_keeps_alpha_in_unit_interval():
 
 
 def test_apfl_step_moves_alpha_by_the_mixed_loss_gradient(tiny_backbone_dir):
-    method = APFLAdapter()
+    method = APFLAdapter(APFLConfig(apfl_alpha_lr=0.5))
     model, head, tokenizer = _tiny(tiny_backbone_dir, method)
     batch = tiny_batch(tokenizer)
-    cfg = LocalConfig(apfl_alpha_lr=0.5)
+    cfg = LocalConfig()
     method.load_private_state(model, {ALPHA: torch.tensor(0.4)})
     with pytest.raises(ValueError, match="set_parameter_mix"):
-        type(model)(model.backbone, [], 32, ("local", "global"), 8).set_view("mixed")
+        type(model)(model.backbone, [], 32, ("local", "global"), 8, method.views).set_view("mixed")
     model.set_view("mixed")
     loss = task_loss(head(pooled_features(model, batch)), batch["labels"])
-    (g_alpha,) = torch.autograd.grad(loss, [method.alpha])
+    (g_alpha,) = torch.autograd.grad(loss, [model.mix_alpha])
     assert g_alpha.abs() > 1e-6
     opt = Recorder(method.param_groups(model, head, cfg))
     method.train_step(model, head, batch, opt, cfg)
-    assert method.alpha.item() == pytest.approx(min(max(0.4 - 0.5 * g_alpha.item(), 0.0), 1.0), abs=1e-6)
-    assert method.private_state(model)[ALPHA].item() == pytest.approx(method.alpha.item())
+    assert model.mix_alpha.item() == pytest.approx(min(max(0.4 - 0.5 * g_alpha.item(), 0.0), 1.0), abs=1e-6)
+    assert method.private_state(model)[ALPHA].item() == pytest.approx(model.mix_alpha.item())
     # one step: w from its own loss only, v from the mixed loss only
     twin_model, twin_head = copy.deepcopy(model), copy.deepcopy(head)
     expected_w = _task_grads(twin_model, twin_head, batch, "student", twin_model.adapter_parameters("global"))

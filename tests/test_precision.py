@@ -89,7 +89,7 @@ def test_cli_takes_precision_and_compile_flags(tiny_backbone_dir, tmp_path, caps
     with pytest.raises(SystemExit):
         main(["run", "--compile", "maybe", "--out", str(tmp_path / "y"), "--quiet"])
     out = tmp_path / "run"
-    assert main(["run", "--precision", "bf16", "--compile", "false", "--model-path", str(tiny_backbone_dir),
+    assert main(["run", "--precision", "bf16", "--no-compile", "--model-path", str(tiny_backbone_dir),
                  "--rounds", "1", "--clients", "2", "--train-per-client", "16", "--val-per-client", "8",
                  "--test-per-client", "16", "--batch-size", "8", "--reduction", "4", "--threads", "1",
                  "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--quiet"]) == 0

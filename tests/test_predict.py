@@ -17,7 +17,8 @@ from feddat.cli import main
 from feddat.config import RunConfig
 from feddat.data.benchmarks import client_records
 from feddat.errors import FedDATError
-from feddat.federation.inprocess import reported_views, run
+from feddat.federation.inprocess import run
+from feddat.federation.rounds import reported_views
 from feddat.federation.worker import Worker
 
 TINY = dict(rounds=2, train_per_client=32, val_per_client=8, test_per_client=32, batch_size=16, threads=1,
@@ -275,7 +276,7 @@ def test_other_methods_and_last_round_frozen_copy(method, overrides, tiny_config
 
 @pytest.mark.integration
 def test_flower_engine_saves_the_same_files(tiny_config, tmp_path):
-    from feddat.federation.flower_app import run_flower
+    from feddat.federation.flower.server_app import run_flower
 
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from feddat.errors import FedDATError
 from feddat.models.backbone import load_backbone

@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from feddat.cli import main
-from feddat.data.benchmarks import Sizes
 from feddat.data.real import (CLOVE_FUNCTION, CLOVE_SCENE, REAL_BENCHMARKS, Example, client_examples, example_json,
                               load_aqua, load_clove_function, load_clove_scene, load_cocoqa, load_gqa, load_nlvr2,
                               load_real_benchmark, load_snli_ve, load_vcr, load_vizwiz, load_vqa_abstract,
                               load_vqav2, top_answers)
+from feddat.data.sizes import Sizes
 from feddat.errors import FedDATError
 
 SIDE = 16

@@ -12,11 +12,12 @@ from safetensors.torch import load_file
 
 from feddat.cli import main
 from feddat.data.benchmarks import client_records, soft_scores
+from feddat.data.pool import HeadSpec
 from feddat.data.task import ANSWER_SETS, annotate, choice_example, consensus, entailment_example, pair_example
 from feddat.errors import FedDATError
 from feddat.federation.inprocess import run
 from feddat.models.backbone import load_backbone
-from feddat.models.vl import AnswerHead, ChoiceHead, HeadSpec, adapt_backbone, make_head, pooled_features
+from feddat.models.vl import AnswerHead, ChoiceHead, adapt_backbone, make_head, pooled_features
 
 from tiny import randomise_adapters
 
@@ -146,7 +147,7 @@ def test_task_run_reports_each_clients_task_metric_and_head(task_run):
 def test_task_clients_are_scored_by_their_own_loss(task_run):
     """The VQA client's labels are soft scores (BCE, VQA score), the others' class indices (cross-entropy)."""
     from feddat.data.benchmarks import load_benchmark
-    from feddat.data.benchmarks import Sizes
+    from feddat.data.sizes import Sizes
 
     cfg, root, _ = task_run
     _, tok = load_backbone(cfg.model_path)
@@ -217,7 +218,7 @@ def test_predict_cli_takes_pair_and_candidate_fields(task_run, tmp_path, capsys)
 
 
 def test_task_benchmark_refuses_partitioning(tmp_path):
-    from feddat.data.benchmarks import Sizes
+    from feddat.data.sizes import Sizes
     from feddat.data.partition import Partition
 
     with pytest.raises(FedDATError, match="cannot be partitioned"):
@@ -225,7 +226,7 @@ def test_task_benchmark_refuses_partitioning(tmp_path):
 
 
 def test_partitioning_keeps_the_annotators_answers():
-    from feddat.data.benchmarks import Sizes
+    from feddat.data.sizes import Sizes
     from feddat.data.partition import partition_records, Partition
 
     recs = client_records("task", 0, Sizes(30, 10, 30))
@@ -237,7 +238,7 @@ def test_partitioning_keeps_the_annotators_answers():
 
 
 def test_task_records_are_deterministic_and_cached(tmp_path):
-    from feddat.data.benchmarks import Sizes
+    from feddat.data.sizes import Sizes
 
     sizes = Sizes(12, 4, 12)
     fresh = client_records("task", 3, sizes)
@@ -262,8 +263,9 @@ def test_split_sizes_default_to_the_benchmarks_own(capsys):
     """0 (the default) takes the benchmark's sizes: Task's clients half the items of the others (its items cost
     two backbone passes on average); given sizes are kept, for every way a config arrives."""
     from feddat.config import RunConfig
-    from feddat.data.benchmarks import Sizes, default_sizes
-    from feddat.federation.flower_app import config_from_values
+    from feddat.data.benchmarks import default_sizes
+    from feddat.data.sizes import Sizes
+    from feddat.federation.flower.records import config_from_values
 
     assert default_sizes("task") == Sizes(200, 100, 500) and default_sizes("domain") == Sizes(400, 200, 1000)
     assert RunConfig(benchmark="task").validate().sizes == Sizes(200, 100, 500)

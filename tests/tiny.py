@@ -25,3 +25,16 @@ def randomise_adapters(model, seed=0):
             for adapter in slot.adapters.values():
                 for p in adapter.parameters():
                     p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def run_numbers(results: dict) -> tuple:
+    """What a run computed (not how long it took): per-round losses, scores and update norms, and the final
+    scores per client and view."""
+    return ([r["train"] for r in results["rounds"]], [r.get("test") for r in results["rounds"]],
+            [r.get("update_norms") for r in results["rounds"]], results["final"]["clients"],
+            results["final"]["views"], results["final"]["avg_score_se"])
+
+
+def close(a: dict, b: dict, tol: float = 1e-6) -> bool:
+    """The same keys, and values within `tol` of each other."""
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol for k in a)

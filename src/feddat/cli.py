@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -13,20 +14,47 @@ from pathlib import Path
 from feddat.errors import FedDATError
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    from feddat.config import RunConfig
-    from feddat.data.benchmarks import sizes_help
+SECTION_TITLES = {
+    "data": "data: what the clients' data are",
+    "model": "model: the frozen backbone and the adapters' size",
+    "train": "train: how a client trains locally (every method)",
+    "method": "method: which method, and each method's own settings (the methods that read one are named)",
+    "federation": "federation: the server's rounds",
+    "privacy": "privacy and robustness: robust aggregation, update screening, central DP, SecAgg+, faults",
+    "eval": "eval: when and how clients are scored, experiment tracking",
+    "runtime": "runtime: seed, engine, device, threads, where private states live",
+}
 
-    defaults = RunConfig()
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """One option per RunConfig key, grouped by section, help and choices from the fields' metadata. Defaults
+    stay None here so that a flag that was not given does not override --config."""
+    from feddat.config import RunConfig
+
+    groups = {}
     for f in fields(RunConfig):
+        section = f.metadata["section"]
+        if section not in groups:
+            groups[section] = p.add_argument_group(SECTION_TITLES[section])
         flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        kind = _boolean if isinstance(default, bool) else type(default) if default is not None else str
-        if f.name == "clients_per_round":
-            kind = _count_or_fraction
-        note = f" = the benchmark's: {sizes_help()}" if f.name.endswith("_per_client") else ""
-        p.add_argument(flag, dest=f.name, type=kind, default=None, metavar=f.name.upper(),
-                       help=f"(default: {default}{note})")
+        help_text = f.metadata["help"]
+        if "methods" in f.metadata:
+            help_text = f"[{', '.join(f.metadata['methods'])}] " + help_text.split(": ", 1)[-1]
+        shown = "unset" if f.default is None else f.default
+        help_text = f"{help_text} (default: {shown})".replace("%", "%%")
+        options = dict(dest=f.name, default=None, help=help_text)
+        if f.name == "client_data":  # one client per flag: --client NAME=PATH, repeatable
+            groups[section].add_argument("--client", action="append", metavar="NAME=PATH", **options)
+            continue
+        if isinstance(f.default, bool):
+            groups[section].add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+            continue
+        kind = _count_or_fraction if f.name == "clients_per_round" else \
+            type(f.default) if f.default is not None else str
+        choices = f.metadata.get("choices")
+        if choices:  # listed here; the config refuses others with its own message (exit code 2)
+            options["help"] = f"{help_text[:-1]}; one of: {', '.join(choices)})"
+        groups[section].add_argument(flag, type=kind, metavar=f.name.upper(), **options)
 
 
 def _count_or_fraction(text: str) -> int | float:
@@ -40,36 +68,21 @@ def _count_or_fraction(text: str) -> int | float:
             raise argparse.ArgumentTypeError(f"expected a count or a fraction in (0, 1], got {text!r}") from None
 
 
-def _boolean(text: str) -> bool:
-    """true/false (also yes/no, 1/0) from the command line; bool('false') would be True."""
-    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value
-
-
-def _config_from_args(args) -> "RunConfig":
+def _config_from_args(args):
     from feddat.config import RunConfig
 
     return RunConfig.from_dict(_given_values(args))
 
 
 def _given_values(args) -> dict:
-    """The config values the user gave: the --config file, then the flags over it."""
-    from feddat.config import RunConfig
+    """The config values the user gave: the --config file (JSON or TOML), then the flags over it."""
+    from feddat.config import RunConfig, read_config_file
 
-    values = {}
-    if args.config:
-        try:
-            values.update(json.loads(Path(args.config).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise FedDATError(f"config file {args.config} is unreadable or not JSON: {e}") from e
-        if not isinstance(values, dict):
-            raise FedDATError(f"config file {args.config} must hold a JSON object")
+    values = read_config_file(args.config) if args.config else {}
     for f in fields(RunConfig):
         v = getattr(args, f.name)
         if v is not None:
-            values[f.name] = v
+            values[f.name] = ",".join(v) if isinstance(v, list) else v
     return values
 
 
@@ -81,6 +94,9 @@ def _check_out_dir(out: Path, force: bool) -> None:
 
 
 def cmd_run(args) -> int:
+    if args.print_config:
+        print(_config_from_args(args).to_toml(), end="")
+        return 0
     if args.resume:
         return _resume(args)
     if not args.out:
@@ -89,7 +105,7 @@ def cmd_run(args) -> int:
     out = Path(args.out)
     _check_out_dir(out, args.force)
     if cfg.engine == "flower":
-        from feddat.federation.flower_app import run_flower as runner
+        from feddat.federation.flower.server_app import run_flower as runner
     else:
         from feddat.federation.inprocess import run as runner
     results = runner(cfg, out_dir=out, progress=not args.quiet)  # writes results.json and clients/
@@ -100,7 +116,6 @@ def cmd_run(args) -> int:
 def _resume(args) -> int:
     """Go on with the run in --resume DIR after its last complete checkpoint, with the config saved there."""
     from feddat.federation.checkpoint import load_checkpoint, resume_config
-    from feddat.federation.inprocess import run
 
     ck = load_checkpoint(Path(args.resume))
     for problem in ck.skipped:
@@ -109,8 +124,10 @@ def _resume(args) -> int:
     out = Path(args.out) if args.out else Path(args.resume)
     _check_out_dir(out, args.force)
     if cfg.engine == "flower":
-        from feddat.federation.flower_app import run_flower as run
-    results = run(cfg, out_dir=out, progress=not args.quiet, resume=ck)
+        from feddat.federation.flower.server_app import run_flower as runner
+    else:
+        from feddat.federation.inprocess import run as runner
+    results = runner(cfg, out_dir=out, progress=not args.quiet, resume=ck)
     _report(results, out)
     return 0
 
@@ -300,7 +317,7 @@ def _comparison_base(args, command: str):
 
 
 def cmd_compare(args) -> int:
-    from feddat.eval.compare import parse_seeds, resolve_methods, run_comparison
+    from feddat.eval.sweep import parse_seeds, resolve_methods, run_comparison
 
     base = _comparison_base(args, "compare")
     methods, seeds, out = resolve_methods(args.methods), parse_seeds(args.seeds), Path(args.out)
@@ -312,7 +329,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from feddat.eval.compare import parse_seeds, resolve_methods
+    from feddat.eval.sweep import parse_seeds, resolve_methods
     from feddat.eval.tune import parse_grid, run_tune
 
     if (args.methods is None) == (args.method is None):
@@ -351,6 +368,10 @@ def cmd_data(args) -> int:
 
     sizes = resolve_sizes(args.benchmark, args.train_per_client, args.val_per_client, args.test_per_client)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.export:
+        return _export(args, sizes, cache)
+    if not args.out:
+        raise FedDATError("feddat data needs --out DIR (or --export DIR)")
     records, written = None, []
     if args.data_dir:  # the paper's benchmark over the real datasets in --data-dir (docs/datasets.md)
         from feddat.data.real import load_real_splits, write_records
@@ -365,6 +386,21 @@ def cmd_data(args) -> int:
     print(stats_table(stats))
     print(f"\nwrote {Path(args.out) / 'stats.json'} and samples_<client>.png for {len(stats['clients'])} clients"
           + (f", and {len(written)} files under {Path(args.out) / 'records'}" if written else ""))
+    return 0
+
+
+def _export(args, sizes, cache: Path) -> int:
+    """`feddat data --export DIR`: the benchmark (generated, or the paper's datasets in --data-dir) as one client
+    folder per client, in the format `feddat run --clients-dir` reads (feddat.data.folders)."""
+    from feddat.data.benchmarks import RealData
+    from feddat.data.folders import export_benchmark
+
+    real = RealData(args.data_dir, args.image_size, args.skip_bad_records) if args.data_dir else None
+    with _log_to_stderr():
+        folders = export_benchmark(args.benchmark, args.seed, sizes, Path(args.export), cache, real=real,
+                                   overwrite=args.force)
+    print(f"wrote {len(folders)} client folders under {args.export}: {', '.join(p.name for p in folders)}\n"
+          f"train on them with: feddat run --clients-dir {args.export} --out runs/own")
     return 0
 
 
@@ -385,14 +421,66 @@ def _log_to_stderr():
         logger.setLevel(level)
 
 
-def cmd_deploy(args) -> int:
-    from feddat.federation.deploy import main as deploy
+def _add_deploy_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, help="directory for certificates, keys, node state, logs and the "
+                   "run's out/ (results.json, clients/, checkpoint/)")
+    p.add_argument("--clients", type=int, default=3, help="SuperNodes to start, one per client: the benchmark's "
+                   "first N clients (default: 3)")
+    p.add_argument("--run-config", default="", help="run-config values as for flwr run, e.g. \"rounds=2 "
+                   "model-path='/path/to/backbone' secure-aggregation=true\" (keys: [tool.flwr.app.config])")
+    p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
+    p.add_argument("--no-auth", action="store_true", help="TLS, but any SuperNode may connect")
+    p.add_argument("--node-config", default="", help="extra node-config values for every SuperNode, e.g. "
+                   "\"device='cuda' threads=4\" (each node gets client-id, and its own client-state-dir and "
+                   "cache-dir under WORKDIR/nodes/<i>/ unless given here)")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds the run may take (default: 3600)")
+    p.add_argument("--app", help="the Flower app's directory (default: the repository this module is in)")
 
-    return deploy(args)
+
+
+
+def _sigterm_to_exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def cmd_deploy(args) -> int:
+    """`feddat deploy`: start, run once, print the results' table, stop everything."""
+    from feddat.eval.results import client_table
+    from feddat.federation.deploy.deployment import Deployment, check_run_config, parse_run_config
+
+    if args.clients < 1:
+        raise FedDATError(f"--clients must be a positive integer, got {args.clients}")
+    if args.timeout <= 0:
+        raise FedDATError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    run_config = parse_run_config(args.run_config)
+    for key in ("clients", "out-dir"):
+        if key in run_config:
+            raise FedDATError(f"--run-config may not set {key}: feddat deploy sets it (use --clients / --workdir)")
+    deployment = Deployment(Path(args.workdir), args.clients, tls=not args.insecure,
+                            auth=not (args.insecure or args.no_auth), node_config=parse_run_config(args.node_config),
+                            app_dir=Path(args.app) if args.app else None)
+    check_run_config(deployment.app_dir, {"clients": args.clients, **run_config})
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_exit)
+    try:
+        with deployment:
+            results = deployment.run(run_config, timeout=args.timeout)
+    except KeyboardInterrupt:
+        print(f"feddat deploy: interrupted; every process it started is stopped (logs in {deployment.logs})",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print()
+    print(client_table(results))
+    missing = {r["round"] + 1: sorted(r["missing_clients"]) for r in results["rounds"] if r.get("missing_clients")}
+    for round_number, names in missing.items():
+        print(f"round {round_number}: no result from {', '.join(names)}")
+    print(f"\nwrote {deployment.out / 'results.json'}; logs in {deployment.logs}")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    from feddat.data.benchmarks import sizes_help
+    from feddat.data.benchmarks import BENCHMARKS, sizes_help
     from feddat.models.backbone import BACKBONES
 
     p = argparse.ArgumentParser(prog="feddat", description=__doc__)
@@ -404,7 +492,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR", help="go on with the interrupted run in DIR from its last complete "
                      "round (its checkpoint/); uses the config saved there (flags may only change threads, "
                      "device, cache-dir, tracker, client-state-dir); writes to DIR unless --out is given")
-    run.add_argument("--config", help="JSON file of config values (command-line flags win)")
+    run.add_argument("--config", help="a JSON or TOML file of config values, flat or by section as --print-config "
+                     "writes it (command-line flags win)")
+    run.add_argument("--print-config", action="store_true", help="print the resolved config as TOML (which "
+                     "--config reads back) and stop")
     run.add_argument("--force", action="store_true", help="overwrite results already in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_run_options(run)
@@ -426,8 +517,9 @@ def parser() -> argparse.ArgumentParser:
     pred.add_argument("--model-path", dest="model_path", help="the backbone (default: the one client.json names)")
     pred.add_argument("--backbone", choices=BACKBONES, help="the backbone family, vilt or blip (default: the one "
                       "client.json records)")
-    pred.add_argument("--device", default="cpu")
-    pred.add_argument("--batch-size", dest="batch_size", type=int, default=64)
+    pred.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    pred.add_argument("--batch-size", dest="batch_size", type=int, default=64,
+                      help="questions per forward pass with --input (default: 64)")
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
     pred.set_defaults(func=cmd_predict)
 
@@ -449,25 +541,27 @@ def parser() -> argparse.ArgumentParser:
                     "each saved client on the client of the same name")
     ev.add_argument("--skip-bad-records", dest="skip_bad_records", action="store_true",
                     help="with --data-dir: skip (and count) malformed records and unreadable images")
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=cmd_eval)
 
     dep = sub.add_parser("deploy", help="run on a Flower deployment on this machine: a SuperLink and one SuperNode "
                          "per client, each a process (TLS, SuperNode authentication); stops them at the end")
-    from feddat.federation.deploy import add_arguments
-
-    add_arguments(dep)
+    _add_deploy_options(dep)
     dep.set_defaults(func=cmd_deploy)
 
     data = sub.add_parser("data", help="a benchmark's sample sheets (PNG per client), statistics and how far apart "
                           "its clients are (stats.json and a table)")
-    data.add_argument("--benchmark", default="domain")
-    data.add_argument("--out", required=True, help="directory for samples_<client>.png and stats.json")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--benchmark", default="domain",
+                      help=f"the benchmark to describe or export; one of: {', '.join(BENCHMARKS)} (default: domain)")
+    data.add_argument("--out", help="directory for samples_<client>.png and stats.json (required unless --export)")
+    data.add_argument("--export", metavar="DIR", help="write the benchmark as one client folder per client (images "
+                      "and metadata.jsonl, the format --clients-dir reads) under DIR instead")
+    data.add_argument("--force", action="store_true", help="with --export: replace client folders already there")
+    data.add_argument("--seed", type=int, default=0, help="the seed its data are generated from (default: 0)")
     for split in ("train", "val", "test"):
         data.add_argument(f"--{split}-per-client", dest=f"{split}_per_client", type=int, default=0,
-                          help=f"(default: 0 = the benchmark's: {sizes_help()})")
+                          help=f"{split} records per client (default: 0 = the benchmark's: {sizes_help()})")
     data.add_argument("--cache-dir", dest="cache_dir", help="benchmark cache (default: ~/.cache/feddat)")
     data.add_argument("--data-dir", dest="data_dir", help="read the benchmark's real datasets from this directory "
                       "(layout: docs/datasets.md) instead of generating it; also writes records/<client>/<split>.jsonl")
@@ -486,7 +580,7 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
     cmp.add_argument("--out", required=True, help="directory for <method>/seed<k>/ runs, table.md, table.json "
                      "and compare.png")
-    cmp.add_argument("--config", help="JSON file of config values shared by every run (flags win)")
+    cmp.add_argument("--config", help="a JSON or TOML file of config values shared by every run (flags win)")
     cmp.add_argument("--quiet", action="store_true", help="no progress bars (the per-run lines stay)")
     cmp.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process with cores/jobs "
                      "threads (default: 1)")
@@ -499,7 +593,7 @@ def parser() -> argparse.ArgumentParser:
                       help="a config key and its values (repeatable: the grid is their product)")
     tune.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     tune.add_argument("--out", required=True, help="directory for <setting>/<method>/seed<k>/, tune.md and tune.json")
-    tune.add_argument("--config", help="JSON file of config values shared by every run (flags win)")
+    tune.add_argument("--config", help="a JSON or TOML file of config values shared by every run (flags win)")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
     tune.add_argument("--jobs", type=int, default=1, help="runs of a grid point at once (its methods x seeds), "
                       "each in its own process with cores/jobs threads (default: 1)")
@@ -511,13 +605,13 @@ def parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("pretrain", help="pretrain the embedded backbone on the generated world (resumable)")
     pre.add_argument("--out", required=True, help="directory for checkpoints and the final backbone/")
-    pre.add_argument("--quiet", action="store_true")
+    pre.add_argument("--quiet", action="store_true", help="no progress bars")
     from feddat.pretrain import PretrainConfig
 
     for f in fields(PretrainConfig):
         default = getattr(PretrainConfig(), f.name)
         pre.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=type(default), default=None,
-                         help=f"(default: {default})")
+                         help=f"{f.metadata['help']} (default: {default})")
     pre.set_defaults(func=cmd_pretrain)
     return p
 

@@ -135,7 +135,7 @@ class ClientModel:
 
     @property
     def head_spec(self):
-        from feddat.models.vl import HeadSpec
+        from feddat.data.pool import HeadSpec
 
         return HeadSpec(self.task, len(self.answers))
 
@@ -244,12 +244,12 @@ class ClientModel:
 
 
 def _local_config(meta: dict[str, Any]):
-    """The local knobs client.json records (those that shape the model: LoRA rank, prompt tokens, ...)."""
+    """The local knobs client.json records (compiling pays off for training, not prediction)."""
     from dataclasses import fields
 
     from feddat.algorithms.base import LocalConfig
 
-    known = {f.name for f in fields(LocalConfig)} - {"compile"}  # compiling pays off for training, not prediction
+    known = {f.name for f in fields(LocalConfig)} - {"compile"}
     return LocalConfig(**{k: v for k, v in meta.get("local", {}).items() if k in known})
 
 
@@ -257,7 +257,9 @@ def _build(meta: dict[str, Any], backbone, tokenizer, device):
     from feddat.algorithms.registry import get_method
     from feddat.federation.worker import Worker
 
-    method = get_method(meta["method"])
+    # the method's settings shape its model (LoRA rank, prompt tokens); models saved before methods held their
+    # own settings recorded them among the local knobs
+    method = get_method(meta["method"], meta.get("method_config", meta.get("local")))
     if list(method.adapters) != list(meta["adapters"]["names"]):
         raise FedDATError(f"client.json names adapters {meta['adapters']['names']} but method {method.name} "
                           f"now has {list(method.adapters)}")
@@ -302,7 +304,8 @@ def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, mode
     from feddat.config import RunConfig
     from feddat.data.benchmarks import RealData, load_benchmark
     from feddat.eval.results import History
-    from feddat.federation.inprocess import default_cache_dir, finish_history, reported_views
+    from feddat.federation.inprocess import default_cache_dir
+    from feddat.federation.rounds import finish_history, reported_views
     from feddat.models.backbone import load_backbone
 
     t_start = time.time()
@@ -335,13 +338,21 @@ def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, mode
         _check_clients(names, there.client_names(), bench, where_data)  # before reading any data
     real = RealData(where_data, int(backbone.config.image_size), skip_bad or cfg.skip_bad_records,
                     progress) if where_data else None
-    loaded = load_benchmark(bench, cfg.seed, cfg.sizes, tokenizer, backbone.config.max_position_embeddings, cache,
-                            partition=None if other else cfg.partition_spec, real=real,
-                            label_spaces={n: saved[n][1]["answers"] for n in names} if other else None)
+    if cfg.own_data and not other:  # the run's own client folders, read again (the same seed splits them alike)
+        from feddat.data.folders import load_clients, parse_columns
+
+        loaded = load_clients([f"{n}={p}" for n, p in cfg.section("data").client_folders() if n in names],
+                              tokenizer, backbone.config.max_position_embeddings, int(backbone.config.image_size),
+                              cfg.seed, parse_columns(cfg.columns), skip_bad or cfg.skip_bad_records,
+                              cache_dir=cache / "datasets")
+    else:
+        loaded = load_benchmark(bench, cfg.seed, cfg.sizes, tokenizer, backbone.config.max_position_embeddings,
+                                cache, partition=None if other else cfg.partition_spec, real=real,
+                                label_spaces={n: saved[n][1]["answers"] for n in names} if other else None)
     data = {c.name: c for c in loaded}
     _check_clients(names, list(data), bench, where_data)
     worker = _build(first_meta, backbone, tokenizer, device)
-    method = get_method(cfg.method)
+    method = get_method(cfg.method, cfg.to_dict())
     views = reported_views(method)
     evals = {}
     from tqdm import tqdm

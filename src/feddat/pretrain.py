@@ -25,30 +25,33 @@ from feddat.data.pool import generate, pixel_tensor, tokenize
 from feddat.data.questions import PRETRAIN_QTYPES, WORDS, answer_vocabulary
 from feddat.data.world import COLORS, GRID, SHAPES, STYLES
 from feddat.errors import FedDATError
-from feddat.models.backbone import backbone_family, build_word_tokenizer, encode, small_vilt_config, write_checksums
+from feddat.models.backbone import backbone_family, build_word_tokenizer, check_family, encode, small_vilt_config
+from feddat.models.blip import BlipBackbone, save_blip, small_blip_config
+from feddat.models.checkpoints import write_checksums
+from feddat.settings import setting
 
 
 @dataclass
 class PretrainConfig:
-    steps: int = 6000
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 1000
-    pool_images: int = 60000
-    questions_per_image: int = 4
-    eval_questions: int = 5000
-    aux_weight: float = 0.5
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
-    intermediate: int = 512
-    text_len: int = 12
-    seed: int = 0
-    checkpoint_every: int = 1000
-    threads: int = 0
-    device: str = "cpu"
-    backbone: str = "vilt"  # vilt, or blip: `layers` layers in each of its two encoders
+    steps: int = setting(6000, "optimiser steps")
+    batch_size: int = setting(128, "questions per step")
+    lr: float = setting(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    warmup: int = setting(1000, "warm-up steps before the linear decay")
+    pool_images: int = setting(60000, "images of the generated world to pretrain on")
+    questions_per_image: int = setting(4, "questions drawn per image")
+    eval_questions: int = setting(5000, "held-out questions scored at each checkpoint")
+    aux_weight: float = setting(0.5, "weight of the auxiliary per-patch loss (colour, shape, cell of each patch)")
+    hidden: int = setting(128, "hidden size of the backbone")
+    layers: int = setting(4, "transformer layers (each of BLIP's two encoders)")
+    heads: int = setting(4, "attention heads (must divide hidden)")
+    intermediate: int = setting(512, "feed-forward width")
+    text_len: int = setting(12, "tokens per question")
+    seed: int = setting(0, "fixes data and initialisation")
+    checkpoint_every: int = setting(1000, "steps between checkpoints (the run resumes from the last)")
+    threads: int = setting(0, "torch intra-op threads; 0 = torch's default")
+    device: str = setting("cpu", "torch device")
+    backbone: str = setting("vilt", "vilt, or blip: `layers` layers in each of its two encoders")
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "pool_images", "questions_per_image", "eval_questions", "hidden",
@@ -57,8 +60,6 @@ class PretrainConfig:
                 raise FedDATError(f"pretrain {name} must be positive, got {getattr(self, name)}")
         if self.hidden % self.heads:
             raise FedDATError(f"pretrain hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        from feddat.models.backbone import check_family
-
         check_family(self.backbone)
 
 
@@ -104,8 +105,6 @@ def reinit_unseen_words(backbone, tokenizer, seen: set[str], seed: int) -> list[
 def _fresh_backbone(cfg: PretrainConfig, vocab_size: int) -> nn.Module:
     """The randomly initialised backbone of the pretraining recipe: a small ViLT or a small BLIP."""
     if cfg.backbone == "blip":
-        from feddat.models.blip import BlipBackbone, small_blip_config
-
         return BlipBackbone(small_blip_config(vocab_size, cfg.hidden, cfg.layers, cfg.heads, cfg.intermediate,
                                               cfg.text_len))
     from transformers import ViltModel
@@ -257,8 +256,6 @@ def pretrain(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     if final_dir.exists():
         shutil.rmtree(final_dir)
     if cfg.backbone == "blip":
-        from feddat.models.blip import save_blip
-
         save_blip(backbone.to("cpu"), tokenizer, final_dir)
     else:
         backbone.to("cpu").save_pretrained(final_dir)

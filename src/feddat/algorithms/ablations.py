@@ -47,6 +47,7 @@ class FedDATSingleTeacher(FedDAT):
     adapters = ("global", "global_frozen")
     trained = ("global",)
     teacher_view = "frozen"
+    views = {"frozen": (("global_frozen", 1.0),)}   # the single-adapter teacher
     predict_view = "student"
     report_views = ("frozen",)
 

@@ -14,34 +14,50 @@ from typing import ClassVar
 import torch
 
 from feddat.algorithms.losses import task_loss
-from feddat.models.adapters import AdaptedModel
+from feddat.models.adapters import AdaptedModel, View
 from feddat.models.vl import AnswerHead, pooled_features
+from feddat.settings import check, is_count, is_number, setting
 
 
 @dataclass(frozen=True)
 class LocalConfig:
-    """Knobs of local training; every method reads the ones it needs."""
+    """How a client trains locally, whatever the method (the run config's `train` section)."""
 
-    local_epochs: int = 1
-    batch_size: int = 32
-    lr_adapter: float = 3e-3
-    lr_head: float = 1e-3
-    weight_decay: float = 0.01
-    kd_temperature: float = 3.0
-    fused: bool = False        # FedDAT: student and DAT views in one forward over the batch taken twice
-    precision: str = "fp32"    # fp32, or bf16: the forward passes under torch.autocast(bfloat16)
-    compile: bool = False      # torch.compile the backbone (feddat.federation.worker.Worker)
-    prefix_cache_mb: int = 512   # memory for the frozen layers below the first adapter (models.vl.PrefixCache)
-    lr_backbone: float = 1e-4           # full finetuning: the backbone's own weights
-    fedprox_mu: float = 0.01            # FedProx: mu/2 * ||adapter - global||^2
-    ditto_lambda: float = 0.1           # Ditto: lambda/2 * ||personal - global||^2
-    fedrep_head_epochs: int = 1         # FedRep: head-only epochs before the adapter's epochs
-    apfl_alpha: float = 0.5             # APFL: initial mixing weight of the local adapter
-    apfl_alpha_lr: float = 0.1          # APFL: SGD step size of alpha
-    lora_rank: int = 16
-    lora_alpha: float = 16.0            # LoRA scaling = lora_alpha / lora_rank
-    lora_targets: str = "query,value"   # comma-separated names of the linear layers LoRA wraps
-    prompt_tokens: int = 5              # prompt tuning: learned tokens per modality
+    local_epochs: int = setting(1, "local epochs per round")
+    batch_size: int = setting(32, "local mini-batch size")
+    lr_adapter: float = setting(1e-2, "peak learning rate of what a method trains (adapters, LoRA, prompts, "
+                                      "biases)")
+    lr_head: float = setting(1e-3, "peak learning rate of the personal answer head")
+    weight_decay: float = setting(0.01, "AdamW weight decay, in [0, 1)")
+    warmup: float = setting(0.1, "fraction of the whole run spent warming the learning rate up, then linear "
+                                 "decay to zero")
+    precision: str = setting("fp32", "forward passes in fp32, or under torch.autocast(bfloat16) (bf16)",
+                             choices=("fp32", "bf16"))
+    compile: bool = setting(False, "torch.compile the backbone's layers the worker trains through")
+    prefix_cache_mb: int = setting(512, "MiB for ViLT's frozen layers below the first adapter, run once per "
+                                        "item and kept (same results); 0 = off")
+
+    def __post_init__(self) -> None:
+        for name in ("local_epochs", "batch_size"):
+            check(is_count(getattr(self, name)) and getattr(self, name) > 0, name, "a positive integer",
+                  getattr(self, name))
+        for name in ("lr_adapter", "lr_head"):
+            check(is_number(getattr(self, name)) and getattr(self, name) > 0, name, "a positive number",
+                  getattr(self, name))
+        check(is_number(self.weight_decay) and 0 <= self.weight_decay < 1, "weight_decay", "in [0, 1)",
+              self.weight_decay)
+        check(is_number(self.warmup) and 0 <= self.warmup < 1, "warmup", "a fraction in [0, 1)", self.warmup)
+        check(self.precision in ("fp32", "bf16"), "precision", "one of fp32, bf16", self.precision)
+        check(isinstance(self.compile, bool), "compile", "true or false", self.compile)
+        check(is_count(self.prefix_cache_mb) and self.prefix_cache_mb >= 0, "prefix_cache_mb",
+              "a whole number of MiB, 0 or more", self.prefix_cache_mb)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """A method's own settings. A method with settings declares a subclass beside its code (fields made with
+    `setting`, checked in `__post_init__`) as its `Config`; field names are run-config keys (`--ditto-lambda`),
+    so they are unique across methods, and every method that shares one means the same by it."""
 
 
 State = dict[str, torch.Tensor]
@@ -50,6 +66,8 @@ State = dict[str, torch.Tensor]
 class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig   # the method's own settings
+    views: ClassVar[dict[str, View]] = {}        # views beyond the base ones (models.adapters.BASE_VIEWS)
     adapters: ClassVar[tuple[str, ...]] = ()     # named adapters a client model carries
     trained: ClassVar[tuple[str, ...]] = ()      # those trained locally
     shared: ClassVar[str | None] = None          # the adapter that travels to the server, if any
@@ -60,6 +78,11 @@ class Method:
     modifies_backbone: ClassVar[bool] = False    # trains or hooks the backbone: the worker gives it its own copy
     pooled: ClassVar[bool] = False               # trains on every client's data pooled (a reference, not
                                                  # federated): its driver walks the pooled data
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise TypeError(f"{self.name} takes a {self.Config.__name__}, got {type(self.config).__name__}")
 
     # ----- what a client model carries -----
     def attach(self, model: AdaptedModel, cfg: LocalConfig) -> None:
@@ -99,10 +122,20 @@ class Method:
         """Take the client's private tensors from its state (which also holds its adapters and head)."""
 
     # ----- local training -----
+    def trained_in_round(self, round_idx: int) -> tuple[str, ...]:
+        """The named adapters that train in round `round_idx` (from 0): `trained`, unless a method freezes some."""
+        return self.trained
+
+    def optimizer(self, groups: list[dict], cfg: LocalConfig, batches: int) -> torch.optim.Optimizer:
+        """The optimiser of one client's round over `batches` mini-batches. The worker sets each group's
+        learning rate before every batch from the run's schedule (`base_lr` times the warm-up/decay factor)
+        unless the optimiser says it schedules itself (`schedules_itself = True`)."""
+        return torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8, weight_decay=cfg.weight_decay)
+
     def local_epochs(self, cfg: LocalConfig) -> int:
         return cfg.local_epochs * self.epochs_factor
 
-    def begin_epoch(self, epoch: int, cfg: LocalConfig) -> None:
+    def begin_epoch(self, model: AdaptedModel, epoch: int, cfg: LocalConfig) -> None:
         """Called before each local epoch (counted from 0 within the round)."""
 
     def begin_round(self, model: AdaptedModel) -> None:
@@ -123,7 +156,7 @@ class Method:
         return {"loss": loss.item()}
 
     def param_groups(self, model: AdaptedModel, head: AnswerHead, cfg: LocalConfig) -> list[dict]:
-        adapter_params = [p for name in self.trained for p in model.adapter_parameters(name)]
+        adapter_params = [p for name in self.trained for p in model.adapter_parameters(name) if p.requires_grad]
         groups = [{"params": list(head.parameters()), "lr": cfg.lr_head, "base_lr": cfg.lr_head}]
         if adapter_params:
             groups.append({"params": adapter_params, "lr": cfg.lr_adapter, "base_lr": cfg.lr_adapter})

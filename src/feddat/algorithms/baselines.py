@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from feddat.algorithms.base import LocalConfig, Method
+from feddat.algorithms.base import LocalConfig, Method, MethodConfig
 from feddat.algorithms.losses import proximal_term, task_loss
 from feddat.models.adapters import AdaptedModel
 from feddat.models.vl import AnswerHead, pooled_features
+from feddat.settings import check, is_number, setting
 
 
 class FedAvgAdapter(Method):
@@ -25,6 +28,15 @@ class FedAvgAdapter2x(FedAvgAdapter):
     epochs_factor = 2
 
 
+@dataclass(frozen=True)
+class FedProxConfig(MethodConfig):
+    fedprox_mu: float = setting(0.01, "fedprox-adapter: mu of the proximal term mu/2 * ||adapter - global||^2")
+
+    def __post_init__(self) -> None:
+        check(is_number(self.fedprox_mu) and self.fedprox_mu >= 0, "fedprox_mu", "a finite number >= 0",
+              self.fedprox_mu)
+
+
 class FedProxAdapter(FedAvgAdapter):
     """FedProx (Li, Sahu, Zaheer, Sanjabi, Talwalkar, Smith, "Federated Optimization in Heterogeneous
     Networks", MLSys 2020) on the adapter: FedAvg + Adapter whose local loss adds mu/2 * ||adapter - global||^2,
@@ -32,15 +44,17 @@ class FedProxAdapter(FedAvgAdapter):
 
     name = "fedprox-adapter"
     summary = "FedAvg + Adapter with the proximal term mu/2 ||adapter - global||^2 in the local loss (FedProx)"
+    Config = FedProxConfig
 
     def begin_round(self, model: AdaptedModel) -> None:
-        self.anchor = [p.detach().clone() for p in model.adapter_parameters("global")]
+        model.round_state["anchor"] = [p.detach().clone() for p in model.adapter_parameters("global")]
 
     def train_step(self, model: AdaptedModel, head: AnswerHead, batch: dict, opt: torch.optim.Optimizer,
                    cfg: LocalConfig) -> dict[str, float]:
         model.set_view("student")
         loss_task = task_loss(head(pooled_features(model, batch)), batch["labels"])
-        loss_prox = proximal_term(model.adapter_parameters("global"), self.anchor, cfg.fedprox_mu)
+        loss_prox = proximal_term(model.adapter_parameters("global"), model.round_state["anchor"],
+                                  self.config.fedprox_mu)
         opt.zero_grad(set_to_none=True)
         (loss_task + loss_prox).backward()
         opt.step()

@@ -22,14 +22,17 @@ the global state before every local round and evaluation. Learning rate: `lr_ada
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from feddat.algorithms.base import LocalConfig, Method, State
+from feddat.algorithms.base import LocalConfig, Method, MethodConfig, State
 from feddat.errors import FedDATError
 from feddat.models.adapters import AdaptedModel
 from feddat.models.vl import AnswerHead
+from feddat.settings import check, is_count, is_number, setting
 
 LORA_ADAPTER = "default"   # peft's name for the one LoRA adapter a model carries
 
@@ -99,16 +102,49 @@ class FedAvgLayerNorm(TunedTensors):
                 for k, p in m.named_parameters(recurse=False)}
 
 
+@dataclass(frozen=True)
+class FullConfig(MethodConfig):
+    lr_backbone: float = setting(1e-4, "fedavg-full: peak learning rate of the backbone's own weights")
+
+    def __post_init__(self) -> None:
+        check(is_number(self.lr_backbone) and self.lr_backbone > 0, "lr_backbone", "a positive number",
+              self.lr_backbone)
+
+
+@dataclass(frozen=True)
+class LoRAConfig(MethodConfig):
+    lora_rank: int = setting(16, "fedavg-lora: rank of the low-rank factors")
+    lora_alpha: float = setting(16.0, "fedavg-lora: scaling lora_alpha / lora_rank")
+    lora_targets: str = setting("query,value", "fedavg-lora: comma-separated names of the linear layers it wraps")
+
+    def __post_init__(self) -> None:
+        check(is_count(self.lora_rank) and self.lora_rank > 0, "lora_rank", "a positive integer", self.lora_rank)
+        check(is_number(self.lora_alpha) and self.lora_alpha > 0, "lora_alpha", "a positive number", self.lora_alpha)
+        targets = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else []
+        check(bool(targets) and all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", t.strip()) for t in targets),
+              "lora_targets", "comma-separated module names (e.g. 'query,value')", self.lora_targets)
+
+
+@dataclass(frozen=True)
+class PromptConfig(MethodConfig):
+    prompt_tokens: int = setting(5, "fedavg-prompt: learned prompt tokens per modality")
+
+    def __post_init__(self) -> None:
+        check(is_count(self.prompt_tokens) and self.prompt_tokens > 0, "prompt_tokens", "a positive integer",
+              self.prompt_tokens)
+
+
 class FedAvgFull(TunedTensors):
     name = "fedavg-full"
     summary = "FedAvg + full finetuning: the whole backbone trained (lr_backbone) and averaged"
     shared = "backbone"
+    Config = FullConfig
 
     def tuned(self, model: AdaptedModel) -> dict[str, nn.Parameter]:
         return dict(model.backbone.named_parameters())
 
     def learning_rate(self, cfg: LocalConfig) -> float:
-        return cfg.lr_backbone
+        return self.config.lr_backbone
 
 
 class FedAvgLoRA(Method):
@@ -117,18 +153,20 @@ class FedAvgLoRA(Method):
     shared = "lora"
     modifies_backbone = True
     predict_view = "none"
+    Config = LoRAConfig
 
     def attach(self, model: AdaptedModel, cfg: LocalConfig) -> None:
         from peft import LoraConfig, inject_adapter_in_model
         from peft.tuners.lora import LoraLayer
 
-        targets = [t.strip() for t in cfg.lora_targets.split(",")]
-        config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets, lora_dropout=0.0,
+        own = self.config
+        targets = [t.strip() for t in own.lora_targets.split(",")]
+        config = LoraConfig(r=own.lora_rank, lora_alpha=own.lora_alpha, target_modules=targets, lora_dropout=0.0,
                             bias="none")
         try:
             inject_adapter_in_model(config, model.backbone, adapter_name=LORA_ADAPTER)
         except ValueError as e:
-            raise FedDATError(f"lora-targets {cfg.lora_targets!r} do not fit the backbone: {e}") from e
+            raise FedDATError(f"lora-targets {own.lora_targets!r} do not fit the backbone: {e}") from e
         self.layers = [m for m in model.backbone.modules() if isinstance(m, LoraLayer)]
 
     def lora_parameters(self) -> list[nn.Parameter]:
@@ -198,6 +236,7 @@ class FedAvgPrompt(TunedTensors):
     summary = ("FedAvg + prompt tuning: prompt_tokens learned tokens per modality through a small MLP, "
                "trained and averaged")
     shared = "prompt"
+    Config = PromptConfig
 
     def attach(self, model: AdaptedModel, cfg: LocalConfig) -> None:
         if getattr(model.backbone, "family", "vilt") != "vilt":
@@ -205,8 +244,7 @@ class FedAvgPrompt(TunedTensors):
                               f"form for the {model.backbone.family} backbone yet: use --backbone vilt")
         dim = model.backbone.config.hidden_size
         with torch.random.fork_rng(devices=[]):  # placeholder values, replaced by the global state
-            model.prompt = PromptEncoder(dim, cfg.prompt_tokens)
-        self._tokens = cfg.prompt_tokens
+            model.prompt = PromptEncoder(dim, self.config.prompt_tokens)
         model.backbone.embeddings.register_forward_hook(model.prompt.hook, with_kwargs=True)
         for p in model.prompt.parameters():
             p.requires_grad_(True)
@@ -217,5 +255,5 @@ class FedAvgPrompt(TunedTensors):
     def initial_shared_state(self, model: AdaptedModel, seed: int) -> State:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            fresh = PromptEncoder(model.backbone.config.hidden_size, self._tokens)
+            fresh = PromptEncoder(model.backbone.config.hidden_size, self.config.prompt_tokens)
         return {k: v.detach().clone() for k, v in fresh.state_dict().items()}

@@ -23,18 +23,50 @@ trained with both, as FedDAT's.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from feddat.algorithms.base import LocalConfig, Method, State
+from feddat.algorithms.base import LocalConfig, Method, MethodConfig, State
 from feddat.algorithms.losses import clipped_sgd_step, proximal_term, task_loss
-from feddat.models.adapters import AdaptedModel
+from feddat.models.adapters import AdaptedModel, MixedParameters
 from feddat.models.vl import AnswerHead, pooled_features
+from feddat.settings import check, is_count, is_number, setting
 
 
 def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, inputs: list[torch.Tensor] | None = None) -> None:
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=inputs)
     opt.step()
+
+
+@dataclass(frozen=True)
+class DittoConfig(MethodConfig):
+    ditto_lambda: float = setting(0.1, "ditto-adapter: lambda of lambda/2 * ||personal - global||^2")
+
+    def __post_init__(self) -> None:
+        check(is_number(self.ditto_lambda) and self.ditto_lambda >= 0, "ditto_lambda", "a finite number >= 0",
+              self.ditto_lambda)
+
+
+@dataclass(frozen=True)
+class FedRepConfig(MethodConfig):
+    fedrep_head_epochs: int = setting(1, "fedrep-adapter: head-only epochs before the adapter's local epochs")
+
+    def __post_init__(self) -> None:
+        check(is_count(self.fedrep_head_epochs) and self.fedrep_head_epochs > 0, "fedrep_head_epochs",
+              "a positive integer", self.fedrep_head_epochs)
+
+
+@dataclass(frozen=True)
+class APFLConfig(MethodConfig):
+    apfl_alpha: float = setting(0.5, "apfl-adapter: initial weight of the local adapter in the mix, in [0, 1]")
+    apfl_alpha_lr: float = setting(0.1, "apfl-adapter: SGD step size of the per-client alpha")
+
+    def __post_init__(self) -> None:
+        check(is_number(self.apfl_alpha) and 0 <= self.apfl_alpha <= 1, "apfl_alpha", "in [0, 1]", self.apfl_alpha)
+        check(is_number(self.apfl_alpha_lr) and self.apfl_alpha_lr >= 0, "apfl_alpha_lr", "a finite number >= 0",
+              self.apfl_alpha_lr)
 
 
 class DittoAdapter(Method):
@@ -46,10 +78,11 @@ class DittoAdapter(Method):
     shared = "global"
     predict_view = "local"
     report_views = ("student",)
+    Config = DittoConfig
 
     def begin_round(self, model: AdaptedModel) -> None:
         # the proximal anchor is the global adapter as received, not as it moves during local training
-        self.anchor = [p.detach().clone() for p in model.adapter_parameters("global")]
+        model.round_state["anchor"] = [p.detach().clone() for p in model.adapter_parameters("global")]
 
     def train_step(self, model: AdaptedModel, head: AnswerHead, batch: dict, opt: torch.optim.Optimizer,
                    cfg: LocalConfig) -> dict[str, float]:
@@ -62,7 +95,8 @@ class DittoAdapter(Method):
         # 2) personal adapter: the task, pulled towards the received global adapter
         model.set_view("local")
         loss_personal_task = task_loss(head(pooled_features(model, batch)), y)
-        loss_prox = proximal_term(model.adapter_parameters("local"), self.anchor, cfg.ditto_lambda)
+        loss_prox = proximal_term(model.adapter_parameters("local"), model.round_state["anchor"],
+                                  self.config.ditto_lambda)
         _step(opt, loss_personal_task + loss_prox)
         return {"loss": loss_personal_task.item(), "loss_global": loss_global.item(), "prox": loss_prox.item()}
 
@@ -75,18 +109,19 @@ class FedRepAdapter(Method):
     trained = ("global",)
     shared = "global"
     predict_view = "student"
-    phase = "head"   # "head": the head learns, the adapter is fixed; "adapter": the other way round
+    Config = FedRepConfig
 
     def local_epochs(self, cfg: LocalConfig) -> int:
-        return cfg.fedrep_head_epochs + cfg.local_epochs
+        return self.config.fedrep_head_epochs + cfg.local_epochs
 
-    def begin_epoch(self, epoch: int, cfg: LocalConfig) -> None:
-        self.phase = "head" if epoch < cfg.fedrep_head_epochs else "adapter"
+    def begin_epoch(self, model: AdaptedModel, epoch: int, cfg: LocalConfig) -> None:
+        # "head": the head learns, the adapter is fixed; "adapter": the other way round
+        model.round_state["phase"] = "head" if epoch < self.config.fedrep_head_epochs else "adapter"
 
     def train_step(self, model: AdaptedModel, head: AnswerHead, batch: dict, opt: torch.optim.Optimizer,
                    cfg: LocalConfig) -> dict[str, float]:
         model.set_view("student")
-        if self.phase == "head":
+        if model.round_state.get("phase", "head") == "head":
             with torch.no_grad():  # the adapter gets no gradient, so AdamW leaves it exactly as it is
                 features = pooled_features(model, batch)
             loss = task_loss(head(features), batch["labels"])
@@ -109,17 +144,19 @@ class APFLAdapter(Method):
     shared = "global"
     predict_view = "mixed"
     report_views = ("student", "local")
+    views = {"mixed": MixedParameters("local", "global")}
+    Config = APFLConfig
 
     def initial_private_state(self, cfg: LocalConfig) -> State:
-        return {ALPHA: torch.tensor(float(cfg.apfl_alpha))}
+        return {ALPHA: torch.tensor(float(self.config.apfl_alpha))}
 
     def load_private_state(self, model: AdaptedModel, state: State) -> None:
         like = model.adapter_parameters("local")[0]
-        self.alpha = state[ALPHA].detach().to(device=like.device, dtype=like.dtype).clone().requires_grad_(True)
-        model.set_parameter_mix(self.alpha)
+        model.set_parameter_mix(state[ALPHA].detach().to(device=like.device, dtype=like.dtype).clone()
+                                .requires_grad_(True))  # the client's alpha lives on its loaded model
 
     def private_state(self, model: AdaptedModel) -> State:
-        return {ALPHA: self.alpha.detach().clone()}
+        return {ALPHA: model.mix_alpha.detach().clone()}
 
     def train_step(self, model: AdaptedModel, head: AnswerHead, batch: dict, opt: torch.optim.Optimizer,
                    cfg: LocalConfig) -> dict[str, float]:
@@ -130,9 +167,10 @@ class APFLAdapter(Method):
         loss_global = task_loss(head(pooled_features(model, batch)), y)
         model.set_view("mixed")
         loss_mixed = task_loss(head(pooled_features(model, batch)), y)
-        self.alpha.grad = None
+        alpha = model.mix_alpha
+        alpha.grad = None
         _step(opt, loss_global + loss_mixed)
         with torch.no_grad():
-            self.alpha.copy_(clipped_sgd_step(self.alpha, self.alpha.grad, cfg.apfl_alpha_lr))
-        self.alpha.grad = None
-        return {"loss": loss_mixed.item(), "loss_global": loss_global.item(), "alpha": self.alpha.item()}
+            alpha.copy_(clipped_sgd_step(alpha, alpha.grad, self.config.apfl_alpha_lr))
+        alpha.grad = None
+        return {"loss": loss_mixed.item(), "loss_global": loss_global.item(), "alpha": alpha.item()}

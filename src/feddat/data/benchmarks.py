@@ -16,9 +16,12 @@ import numpy as np
 import torch
 
 from feddat.data.function import function_clients
-from feddat.data.pool import ENTAILMENT_LABELS, PAIR_LABELS, Records, generate, pixel_tensor, tokenize
+from feddat.data.partition import partition_records, shared_answers
+from feddat.data.pool import ENTAILMENT_LABELS, PAIR_LABELS, HeadSpec, Records, generate, pixel_tensor, tokenize
 from feddat.data.questions import QTYPES
+from feddat.data.real import load_real_benchmark
 from feddat.data.scene import scene_clients
+from feddat.data.sizes import Sizes
 from feddat.data.task import task_clients
 from feddat.data.world import COLORS, SHAPES
 from feddat.errors import FedDATError
@@ -143,9 +146,7 @@ class ClientData:
     task: str = "vqa"            # feddat.data.pool.TASKS
 
     @property
-    def head_spec(self):
-        from feddat.models.vl import HeadSpec
-
+    def head_spec(self) -> HeadSpec:
         return HeadSpec(self.task, len(self.answers))
 
     @property
@@ -155,18 +156,6 @@ class ClientData:
 
     def describe(self) -> dict[str, str]:
         return {"task": self.task, "metric": self.metric}
-
-
-@dataclass(frozen=True)
-class Sizes:
-    train: int = 400
-    val: int = 200
-    test: int = 1000
-
-    def validate(self) -> None:
-        for k, v in asdict(self).items():
-            if not isinstance(v, int) or v <= 0:
-                raise FedDATError(f"{k}-per-client must be a positive integer, got {v!r}")
 
 
 # A benchmark's per-client split sizes when a run leaves them at 0. Task's items cost two backbone passes on
@@ -256,16 +245,12 @@ def client_records(benchmark: str, seed: int, sizes: Sizes, cache_dir: Path | No
     from the real datasets (`real`); with a `partition` (feddat.data.partition.Partition) the pooled records
     split over its clients instead."""
     if real is not None:
-        from feddat.data.real import load_real_benchmark
-
         recs = load_real_benchmark(benchmark, Path(real.data_dir), seed, sizes, real.image_size, real.skip_bad,
                                    progress=real.progress)
     else:
         recs = _natural_records(benchmark, seed, sizes, cache_dir)
     if partition is None:
         return recs
-    from feddat.data.partition import partition_records
-
     tasks = {r.task for splits in recs.values() for r in splits.values()}
     if tasks != {"vqa"}:
         raise FedDATError(f"benchmark {benchmark} cannot be partitioned: its clients' records are not all VQA "
@@ -366,11 +351,15 @@ def load_benchmark(benchmark: str, seed: int, sizes: Sizes, tokenizer, text_len:
     recs = client_records(benchmark, seed, sizes, cache_dir, partition, real)
     shared = None
     if partition is not None:
-        from feddat.data.partition import shared_answers
-
         shared = shared_answers(recs)
     clients = []
     for name, splits in recs.items():
+        empty = [s for s in ("train", "val", "test") if len(splits[s]) == 0]
+        if empty:  # training, model selection and scoring each need their split
+            flag = {"train": "train", "val": "val", "test": "test"}[empty[0]]
+            raise FedDATError(f"client {name} has no {empty[0]} questions: its data give too few records for "
+                              f"{sizes.train}/{sizes.val}/{sizes.test} train/val/test per client; lower "
+                              f"--{flag}-per-client (and the others) or give it more data")
         task = splits["train"].task
         answers = (label_spaces or {}).get(name) or label_space(task, splits["train"], shared)
         lookup = {a: i for i, a in enumerate(answers)}

@@ -31,6 +31,7 @@ import numpy as np
 
 from feddat.data.pool import Records
 from feddat.errors import FedDATError
+from feddat.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,6 @@ def _assign(pooled: Records, sources: list[str], part: Partition, seed: int, fra
         except Exception as e:  # any damage: say which file and how to fix it
             raise FedDATError(f"partition cache file {path} is unreadable ({type(e).__name__}: {e}); delete it and "
                               "it will be regenerated") from e
-    from feddat.federation.worker import mix_seed
-
     per_client = partition_indices(pool_dataset(pooled, sources), part, mix_seed(seed, 0x9A27))
     out, bounds, start = [], [], 0
     for i, idx in enumerate(per_client):

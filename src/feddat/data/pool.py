@@ -45,6 +45,14 @@ ENTAILMENT_LABELS = ["contradiction", "entailment", "neutral"]
 PAIR_LABELS = ["false", "true"]
 
 
+@dataclass(frozen=True)
+class HeadSpec:
+    """What a client's head predicts: its task kind (TASKS) and its number of answers."""
+
+    task: str
+    n_answers: int
+
+
 def generate(rng: np.random.Generator, n_questions: int, styles: list[str], qtypes: list[str],
              qtype_p: np.ndarray | None = None, questions_per_image: int = 1,
              color_p=None, shape_p=None, dialect=None, palette=None, synonym_p: float = 0.0,

@@ -29,7 +29,7 @@ WORDS = (
 
 # Words of the Function benchmark's questions (cells, relations, logic, facts), absent from pretraining. A
 # word-level backbone that lacks them gets them appended at load, at the norm of its trained words
-# (`feddat.models.backbone.extend_word_vocabulary`), as pretraining does for the synonyms.
+# (`feddat.models.vocab.extend_word_vocabulary`), as pretraining does for the synonyms.
 EXTRA_WORDS = ("in", "row", "column", "1", "2", "3", "4", "left", "above", "next", "to", "and", "or", "not",
                "used", "for", "made")
 # Words of the Task benchmark's statements and candidate answers, appended at load in the same way.

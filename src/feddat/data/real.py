@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from feddat.data.benchmarks import Sizes
 from feddat.data.pool import ENTAILMENT_LABELS, PAIR_LABELS, Records
+from feddat.data.sizes import Sizes
 from feddat.errors import FedDATError
 
 log = logging.getLogger(__name__)
@@ -790,7 +790,7 @@ def load_real_benchmark(benchmark: str, data_dir: Path, seed: int, sizes: Sizes,
                         ) -> dict[str, dict[str, Records]]:
     """Every client of a real-data benchmark, {client: {"train"|"val"|"test": Records}}, from `data_dir`.
 
-    `sizes` (feddat.data.benchmarks.Sizes) are the questions per split; train and val come from the source's
+    `sizes` (feddat.data.sizes.Sizes) are the questions per split; train and val come from the source's
     official training split (disjoint), test from its official split with labels. `seed` fixes which questions;
     `image_size` the side images are resized to; `clients` a subset of the benchmark's clients (default: all);
     `top_k` the label space of VQA-style clients; `skip_bad` skips (and logs) bad records instead of raising."""

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from feddat.data.benchmarks import Sizes, client_records, label_space
+from feddat.data.benchmarks import client_records, label_space
 from feddat.data.pool import Records
+from feddat.data.sizes import Sizes
 
 SAMPLES = 12
 SCALE = 3          # images drawn at 144 px

@@ -107,7 +107,9 @@ def client_table(results: dict[str, Any]) -> str:
     line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths))
     sent = results["rounds"][-1]["bytes_sent"] if results["rounds"] else {}
     per_client = max(sent.values()) if sent else 0
-    foot = (f"{results['config']['method']} on {results['config']['benchmark']}: mean score "
+    cfg = results["config"]
+    data = cfg.get("clients_dir") or ("your client folders" if cfg.get("client_data") else cfg["benchmark"])
+    foot = (f"{cfg['method']} on {data}: mean score "
             f"{final['avg_score']:.4f} ± {final['avg_score_se']:.4f} (s.e. over test items), "
             f"{per_client:,} bytes sent per client per round, {results['wall_seconds']:.0f} s")
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows] + ["", foot])

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from feddat.config import TRACKERS
 from feddat.errors import FedDATError
 
-TRACKERS = ("tensorboard", "mlflow", "wandb")
 INSTALL_HINT = "pip install 'feddat[track]'"
 
 

@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
-from feddat.config import RunConfig
+from feddat.config import RunConfig, parse_value
 from feddat.errors import FedDATError
-from feddat.eval.compare import NOT_FROM_GRID, Runner, parse_value, run_comparison
+from feddat.eval.sweep import NOT_FROM_GRID, Runner, run_comparison
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[Any]]:

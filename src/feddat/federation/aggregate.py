@@ -22,15 +22,12 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from feddat.config import AGGREGATIONS, MEAN_RULES, bulyan_minimum, krum_minimum
 from feddat.errors import FedDATError
 
 Update = Mapping[str, torch.Tensor]
 State = dict[str, torch.Tensor]
 
-# aggregation rules and the FedAvg weights of the mean ones
-MEAN_RULES = ("samples", "equal")
-ROBUST_RULES = ("median", "trimmed-mean", "krum", "multi-krum", "bulyan")
-AGGREGATIONS = MEAN_RULES + ROBUST_RULES
 DP_DELTA = 1e-5   # the delta at which results.json reports epsilon
 
 
@@ -112,16 +109,6 @@ def trimmed_mean(updates: Sequence[Update], fraction: float) -> dict[str, torch.
     if not 0 <= fraction < 0.5:
         raise FedDATError(f"trim-fraction must be in [0, 0.5), got {fraction}")
     return {k: _as_tensor(trim_mean(_stacked(updates, k), fraction), v) for k, v in updates[0].items()}
-
-
-def krum_minimum(byzantine: int) -> int:
-    """Krum's requirement n > 2f + 2 as a least number of updates."""
-    return 2 * byzantine + 3
-
-
-def bulyan_minimum(byzantine: int) -> int:
-    """Bulyan's requirement n >= 4f + 3."""
-    return 4 * byzantine + 3
 
 
 def _records(updates: Sequence[Update]):

@@ -15,7 +15,6 @@ FedDATError naming the file and falls back to the previous one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,10 @@ from typing import Any
 
 import torch
 
+from feddat.config import RunConfig
 from feddat.errors import FedDATError
+from feddat.federation.aggregate import validate_update
+from feddat.models.checkpoints import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +62,6 @@ class Checkpoint:
 
 def checkpoint_root(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _sync(path: Path) -> None:
@@ -118,7 +112,7 @@ def save_checkpoint(run_dir: Path, completed: int, config: dict[str, Any], globa
                                "clients": sorted(states), "history": history})
     files.append(SERVER)
     _write_json(tmp / MANIFEST, {"format": FORMAT, "round": completed,
-                                 "files": {rel: {"bytes": (tmp / rel).stat().st_size, "sha256": _sha256(tmp / rel)}
+                                 "files": {rel: {"bytes": (tmp / rel).stat().st_size, "sha256": file_sha256(tmp / rel)}
                                            for rel in files}})
     _sync(tmp / CLIENTS)
     _sync(tmp)
@@ -159,7 +153,7 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         f = path / rel
         if not f.is_file():
             raise FedDATError(f"{f} is missing from the checkpoint")
-        if f.stat().st_size != want.get("bytes") or _sha256(f) != want.get("sha256"):
+        if f.stat().st_size != want.get("bytes") or file_sha256(f) != want.get("sha256"):
             raise FedDATError(f"{f} does not match its sha256 in {manifest_path}: the file is truncated or corrupt")
     return manifest
 
@@ -222,8 +216,6 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
 def check_fits(ck: Checkpoint, global_template: State | None, templates: dict[str, State]) -> None:
     """FedDATError naming the file unless the checkpoint's tensors fit the model its config builds (the same
     clients; every state with the template's keys, shapes and dtypes)."""
-    from feddat.federation.aggregate import validate_update
-
     if sorted(ck.states) != sorted(templates):
         raise FedDATError(f"{ck.path / SERVER} names clients {sorted(ck.states)}, the benchmark has "
                           f"{sorted(templates)}")
@@ -246,11 +238,9 @@ RESUME_MAY_CHANGE = ("threads", "device", "cache_dir", "tracker", "client_state_
                      "prefix_cache_mb")
 
 
-def resume_config(saved: dict[str, Any], given: dict[str, Any]):
+def resume_config(saved: dict[str, Any], given: dict[str, Any]) -> RunConfig:
     """The RunConfig to resume with: the checkpoint's, with the given values that may change
     (RESUME_MAY_CHANGE); FedDATError listing every given value that conflicts with the checkpoint's."""
-    from feddat.config import RunConfig
-
     conflicts = [f"{k.replace('_', '-')} (checkpoint: {saved.get(k)!r}, given: {v!r})" for k, v in sorted(given.items())
                  if k not in RESUME_MAY_CHANGE and saved.get(k) != v]
     if conflicts:

@@ -13,13 +13,12 @@ Each client directory holds
 Methods that share more than an adapter save their shared tensors as `<shared>.<key>` (e.g. `lora.<key>`,
 `bias.<key>`), and any further private tensors under their own names (e.g. APFL's `apfl.alpha`).
 
-Both engines write the same files through `client_export` and `write_client`: the in-process driver from its
-states, the Flower server from what the clients' final evaluate replies carry.
+Both engines write the same files through `feddat.federation.rounds.client_export` and `write_client`: the
+in-process driver from its states, the Flower server from what the clients' final evaluate replies carry.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -28,9 +27,9 @@ from typing import Any
 
 import torch
 
-from feddat.config import RunConfig
 from feddat.errors import FedDATError
-from feddat.models.backbone import embedded_dir, file_sha256
+from feddat.models.backbone import backbone_family, embedded_dir
+from feddat.models.checkpoints import file_sha256
 
 State = dict[str, torch.Tensor]
 
@@ -75,8 +74,6 @@ def backbone_weights_file(model_path: str | None, family: str = "vilt") -> Path 
 
 def backbone_record(model_path: str | None, backbone) -> dict[str, Any]:
     """The backbone as client.json names it: where it came from, its weights' checksum and its shape."""
-    from feddat.models.backbone import backbone_family
-
     weights = backbone_weights_file(model_path, backbone_family(backbone))
     if model_path is None:
         where = "embedded"
@@ -94,33 +91,6 @@ def backbone_record(model_path: str | None, backbone) -> dict[str, Any]:
         "patch_size": c.patch_size,
         "text_len": c.max_position_embeddings,
     }
-
-
-def client_export(setup, index: int, state: State, global_state: State | None) -> tuple[State, dict[str, Any]]:
-    """(tensors, client.json content) of client `index` of a Setup (the engines' per-process objects)."""
-    from feddat.federation.inprocess import reported_views
-
-    cfg: RunConfig = setup.cfg
-    worker = setup.worker
-    method = worker.method
-    client = setup.clients[index]
-    tensors = worker.export(state, global_state, client.head_spec, cfg.eval_frozen == "newest")
-    meta = {
-        "format": FORMAT,
-        "client": client.name,
-        "method": method.name,
-        "predict_view": method.predict_view,
-        "views": list(reported_views(method)),
-        "eval_frozen": cfg.eval_frozen,
-        "backbone": backbone_record(cfg.model_path, worker.model.backbone),
-        "adapters": {"names": list(method.adapters), "shared": method.shared, "reduction": cfg.reduction,
-                     "bottleneck": worker.bottleneck, "dim": worker.dim, "layers": len(worker.model.slots)},
-        "head": {"task": client.task, "dim": worker.dim, "n_answers": len(client.answers)},
-        "local": dataclasses.asdict(worker.local),
-        "answers": list(client.answers),
-        "run": {"benchmark": cfg.benchmark, "seed": cfg.seed, "rounds": cfg.rounds},
-    }
-    return tensors, meta
 
 
 def client_dir(run_dir: Path, client: str) -> Path:

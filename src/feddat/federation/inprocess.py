@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +12,26 @@ from tqdm import tqdm
 
 from feddat.algorithms.registry import get_method
 from feddat.config import RunConfig
-from feddat.data.benchmarks import ClientData, load_benchmark
+from feddat.data.benchmarks import RealData, load_benchmark
+from feddat.data.folders import load_clients, parse_columns
 from feddat.errors import FedDATError
 from feddat.eval.results import History
-from feddat.federation.checkpoint import Checkpoint, check_fits, save_checkpoint
-from feddat.federation.faults import Fault, check_crash, corrupt, delay, parse_faults
+from feddat.eval.tracking import open_tracker
+from feddat.fault_spec import Fault, parse_faults
+from feddat.federation.checkpoint import Checkpoint, save_checkpoint
+from feddat.federation.client_state import open_states
+from feddat.federation.faults import check_crash, corrupt, delay
+from feddat.federation.pooled import run_pooled
+from feddat.federation.rounds import Setup, evaluate_round, finish_run, restore
+from feddat.federation.sampling import sample_clients
 from feddat.federation.server import RoundCollector, privacy_report
-from feddat.federation.worker import State, Worker, mix_seed
+from feddat.federation.worker import State, Worker
 from feddat.models.backbone import load_backbone
+from feddat.seeding import mix_seed
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FEDDAT_CACHE", Path.home() / ".cache" / "feddat"))
-
-
-@dataclass
-class Setup:
-    cfg: RunConfig
-    clients: list[ClientData]
-    worker: Worker
 
 
 def build(cfg: RunConfig) -> Setup:
@@ -41,83 +41,23 @@ def build(cfg: RunConfig) -> Setup:
     backbone, tokenizer = load_backbone(cfg.model_path, cfg.device, cfg.backbone)
     text_len = backbone.config.max_position_embeddings
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    clients = load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer, text_len, cache,
-                             partition=cfg.partition_spec, real=real_data(cfg, backbone))[:len(cfg.client_names())]
-    worker = Worker(get_method(cfg.method), backbone, cfg.reduction, cfg.local, cfg.device, cfg.warmup)
+    if cfg.own_data:  # the user's client folders (feddat.data.folders), read lazily
+        clients = load_clients([f"{name}={path}" for name, path in cfg.section("data").client_folders()],
+                               tokenizer, text_len, int(backbone.config.image_size), cfg.seed,
+                               parse_columns(cfg.columns), cfg.skip_bad_records,
+                               cache_dir=cache / "datasets")[:len(cfg.client_names())]
+    else:
+        clients = load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer, text_len, cache,
+                                 partition=cfg.partition_spec, real=real_data(cfg, backbone))[:len(cfg.client_names())]
+    worker = Worker(get_method(cfg.method, cfg.to_dict()), backbone, cfg.reduction, cfg.local, cfg.device)
     return Setup(cfg, clients, worker)
 
 
 def real_data(cfg: RunConfig, backbone):
     """Where the run reads its real datasets (None: a generated benchmark), at the backbone's image size."""
-    from feddat.data.benchmarks import RealData
-
     if not cfg.data_dir:
         return None
     return RealData(cfg.data_dir, int(backbone.config.image_size), cfg.skip_bad_records)
-
-
-def evaluate_client(setup: Setup, client: ClientData, state: State, global_state: State | None, views=None,
-                    split: str = "test") -> dict[str, dict]:
-    """One client's scores ({view: {"score", "scores", "predictions"}}); engines call this per client."""
-    return setup.worker.evaluate(client, state, global_state, split, views,
-                                 newest_global=setup.cfg.eval_frozen == "newest")
-
-
-def evaluate_all(setup: Setup, states: dict[str, State], global_state: State | None, views=None,
-                 split: str = "test") -> dict[str, dict]:
-    return {c.name: evaluate_client(setup, c, states[c.name], global_state, views, split) for c in setup.clients}
-
-
-def evaluate_round(setup: Setup, states, global_state: State | None, r: int, bar) -> tuple[dict | None, dict | None]:
-    """(scores of the predicting view per client, or None when round `r` is not scored; the evaluations over
-    every reported view when `r` is the last round, which the final report then reuses rather than redoes)."""
-    cfg, method = setup.cfg, setup.worker.method
-    last = r + 1 == cfg.rounds
-    if not (last or (r + 1) % cfg.eval_every == 0):
-        return None, None
-    evals = evaluate_all(setup, states, global_state, reported_views(method) if last else None)
-    scores = {c: e[method.predict_view]["score"] for c, e in evals.items()}
-    bar.write(f"round {r + 1}: mean test score {sum(scores.values()) / len(scores):.4f}")
-    return scores, evals if last else None
-
-
-def reported_views(method) -> tuple[str, ...]:
-    """The views the final report scores: the predicting one first, then those reported for information."""
-    return (method.predict_view,) + method.report_views
-
-
-def finish_history(history: History, method, evals: dict[str, dict], wall: float,
-                   val_evals: dict[str, dict] | None = None) -> None:
-    """Fill the final report from per-client evaluations over `reported_views(method)`, in client order;
-    `val_evals` (the predicting view on the validation splits) adds `val_clients` and `val_avg_score`."""
-    views = reported_views(method)
-    main = method.predict_view
-    history.finish(
-        val={c: e[main]["score"] for c, e in val_evals.items()} if val_evals else None,
-        breakdown={c: e[main].get("breakdown", {}) for c, e in evals.items()},
-        clients={c: e[main]["score"] for c, e in evals.items()},
-        per_item={c: e[main]["scores"].tolist() for c, e in evals.items()},
-        views={v: {c: e[v]["score"] for c, e in evals.items()} for v in views},
-        wall_seconds=wall,
-    )
-
-
-def final_report(setup: Setup, history: History, states, global_state, wall: float,
-                 evals: dict[str, dict] | None = None) -> None:
-    """`evals`: the test evaluations over `reported_views` of these very states, when the caller has them."""
-    method = setup.worker.method
-    val_evals = evaluate_all(setup, states, global_state, (method.predict_view,), split="val")  # for tuning
-    if evals is None:
-        evals = evaluate_all(setup, states, global_state, reported_views(method))
-    finish_history(history, method, evals, wall, val_evals)
-
-
-def save_client_models(setup: Setup, out_dir: Path, states: dict[str, State], global_state: State | None) -> None:
-    """Every client's personalised model under out_dir/clients/<client>/ (see feddat.federation.export)."""
-    from feddat.federation.export import client_export, write_client
-
-    for i, c in sorted(enumerate(setup.clients), key=lambda ic: ic[1].name):  # one at a time: memory stays flat
-        write_client(out_dir, *client_export(setup, i, states[c.name], global_state))
 
 
 def run(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True,
@@ -125,8 +65,6 @@ def run(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True,
     """Train and score every client. With out_dir: results.json, the saved client models (clients/), a
     checkpoint after every round (checkpoint/) and the tracker's logs go there. With `resume` (a checkpoint
     of a run of this config, `feddat.federation.checkpoint.load_checkpoint`): go on after its last round."""
-    from feddat.eval.tracking import open_tracker
-
     if cfg.secure_aggregation:
         raise FedDATError("secure-aggregation needs the Flower engine (feddat run --engine flower, flwr run or "
                           "feddat deploy): in one process there is nothing to hide the updates from")
@@ -165,43 +103,14 @@ def _train_client(setup: Setup, collector: RoundCollector, faults: list[Fault], 
 def open_client_states(setup: Setup):
     """Every client's private state, starting from the worker's initial ones: a dict, or (many clients, or
     client_state_dir set) one file per client (feddat.federation.client_state)."""
-    from feddat.federation.client_state import open_states
-
     cfg, clients = setup.cfg, setup.clients
     index = {c.name: i for i, c in enumerate(clients)}
     return open_states(cfg.to_dict(), cfg.client_state_dir, list(index), lambda name: setup.worker.initial_state(
         index[name], clients[index[name]].head_spec, cfg.seed))
 
 
-def finish_run(setup: Setup, history: History, states, global_state, out_dir: Path | None, t_start: float,
-               evals: dict[str, dict] | None = None) -> dict:
-    """The final evaluation and report (reusing the last round's `evals` when given), then (with an out dir)
-    every client's model and results.json."""
-    final_report(setup, history, states, global_state, time.time() - t_start, evals)
-    if out_dir is not None:
-        save_client_models(setup, out_dir, states, global_state)
-        history.save(out_dir)
-    return history.data
-
-
-def restore(resume: Checkpoint | None, global_state, states, order_rng: np.random.Generator,
-            history: History) -> tuple:
-    """(global state, first round to run): from `resume` if given (its client states, client-order and torch RNG
-    states and rounds so far are put back in place), else (global_state, 0)."""
-    if resume is None:
-        return global_state, 0
-    check_fits(resume, global_state, states)
-    states.update(resume.states)
-    order_rng.bit_generator.state = resume.order_rng
-    torch.set_rng_state(resume.torch_rng)
-    history.data["rounds"] = list(resume.history["rounds"])
-    return resume.global_state, resume.round
-
-
 def round_clients(cfg: RunConfig, n_clients: int, round_idx: int) -> list[int]:
     """The indices of the clients that train in round `round_idx` (all, unless clients-per-round draws them)."""
-    from feddat.federation.sampling import sample_clients
-
     return sample_clients(cfg.seed, round_idx, n_clients, cfg.round_size())
 
 
@@ -211,8 +120,6 @@ def _run(cfg: RunConfig, out_dir: Path | None, progress: bool, tracker, t_start:
     states = open_client_states(setup)
     try:
         if setup.worker.method.pooled:  # a centralised reference: one trainer over the pooled data
-            from feddat.federation.pooled import run_pooled
-
             return run_pooled(setup, states, out_dir, progress, tracker, t_start, resume)
         return _rounds(setup, states, out_dir, progress, tracker, t_start, resume)
     finally:

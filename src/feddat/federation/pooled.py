@@ -23,8 +23,10 @@ from tqdm import tqdm
 from feddat.data.benchmarks import ClientData, Split
 from feddat.eval.results import History
 from feddat.federation.checkpoint import Checkpoint, save_checkpoint
-from feddat.federation.worker import lr_factor, mix_seed
+from feddat.federation.rounds import Setup, evaluate_round, finish_run, restore
+from feddat.federation.worker import lr_factor
 from feddat.models.vl import AnswerHead, make_head
+from feddat.seeding import mix_seed
 
 
 def raw_data_bytes(client: ClientData) -> int:
@@ -63,12 +65,10 @@ def _heads(worker, clients: list[ClientData], states) -> list[AnswerHead]:
     return heads
 
 
-def run_pooled(setup, states, out_dir: Path | None, progress: bool, tracker, t_start: float,
+def run_pooled(setup: Setup, states, out_dir: Path | None, progress: bool, tracker, t_start: float,
                resume: Checkpoint | None) -> dict:
     """Train a pooled method on every client's training data at once; score, checkpoint and report as the
     in-process engine does for the federated methods."""
-    from feddat.federation.inprocess import evaluate_round, finish_run, restore
-
     cfg, worker, clients = setup.cfg, setup.worker, setup.clients
     method, local = worker.method, worker.local
     names = [c.name for c in clients]

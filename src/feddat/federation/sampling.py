@@ -7,23 +7,11 @@ to go on drawing as the interrupted one would have.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-from feddat.federation.worker import mix_seed
+from feddat.seeding import mix_seed
 
 SAMPLING_STREAM = 0x5A3B1E
-
-
-def round_size(n_clients: int, clients_per_round: int | float) -> int:
-    """Clients per round: all (0), a count (int), or a fraction of `n_clients` (float in (0, 1], rounded to the
-    nearest count, at least one)."""
-    if not clients_per_round:
-        return n_clients
-    if isinstance(clients_per_round, float):
-        return min(n_clients, max(1, math.floor(clients_per_round * n_clients + 0.5)))
-    return min(n_clients, int(clients_per_round))
 
 
 def sample_clients(seed: int, round_idx: int, n_clients: int, k: int) -> list[int]:

@@ -19,7 +19,7 @@ from feddat.errors import FedDATError
 from feddat.federation.aggregate import (DP_DELTA, add_gaussian_noise, clip_update, combine, dp_epsilon,
                                          dp_noise_std, robust_minimum, update_bytes, update_norm,
                                          validate_update, weighted_mean)
-from feddat.federation.worker import mix_seed
+from feddat.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 

@@ -17,20 +17,13 @@ import torch
 from feddat.algorithms.base import LocalConfig, Method
 from feddat.algorithms.losses import scores
 from feddat.data.benchmarks import ClientData, Split
+from feddat.data.pool import HeadSpec
 from feddat.models.adapters import BottleneckAdapter
 from feddat.models.backbone import backbone_family
-from feddat.models.vl import (AnswerHead, HeadSpec, PrefixCache, adapt_backbone, compile_layers, make_head,
-                             pooled_features)
+from feddat.models.vl import AnswerHead, PrefixCache, adapt_backbone, compile_layers, make_head, pooled_features
+from feddat.seeding import mix_seed
 
 State = dict[str, torch.Tensor]
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes (Python's hash of tuples is salted for str)."""
-    s = 0x9E3779B97F4A7C15
-    for p in parts:
-        s = (s * 6364136223846793005 + int(p) + 1442695040888963407) % (1 << 63)
-    return s
 
 
 def lr_factor(progress: float, warmup: float = 0.1) -> float:
@@ -49,15 +42,14 @@ class FitResult:
 
 
 class Worker:
-    def __init__(self, method: Method, backbone, reduction: int, local: LocalConfig, device="cpu",
-                 warmup: float = 0.1):
+    def __init__(self, method: Method, backbone, reduction: int, local: LocalConfig, device="cpu"):
         self.method = method
         self.local = local
         self.device = torch.device(device)
-        self.warmup = warmup
+        self.warmup = local.warmup
         if method.modifies_backbone:  # it trains or hooks backbone modules: never those of a shared backbone
             backbone = copy.deepcopy(backbone)
-        self.model = adapt_backbone(backbone, method.adapters, reduction)
+        self.model = adapt_backbone(backbone, method.adapters, reduction, method.views)
         method.attach(self.model, local)
         self.model.to(self.device)
         # precision="bf16": every forward pass (training and scoring) under torch.autocast(bfloat16), see
@@ -141,24 +133,30 @@ class Worker:
             seed: int, client_index: int, progress=None) -> FitResult:
         method, cfg = self.method, self.local
         head = self._load(state, global_state, data.head_spec)
+        self.model.round_state = {}
         method.begin_round(self.model)
         head.train()
-        opt = torch.optim.AdamW(method.param_groups(self.model, head, cfg), betas=(0.9, 0.98), eps=1e-8,
-                                weight_decay=cfg.weight_decay)
+        trained = method.trained_in_round(round_idx)
+        for name in method.adapters:
+            for p in self.model.adapter_parameters(name):
+                p.requires_grad_(name in trained)
         gen = torch.Generator().manual_seed(mix_seed(seed, round_idx, client_index, 0xF17))
         n = len(data.train)
         batches_per_epoch = -(-n // cfg.batch_size)
         epochs = method.local_epochs(cfg)
         total_steps = epochs * batches_per_epoch
+        opt = method.optimizer(method.param_groups(self.model, head, cfg), cfg, total_steps)
+        run_schedule = not getattr(opt, "schedules_itself", False)
         sums: dict[str, float] = {}
         step = 0
         for epoch in range(epochs):
-            method.begin_epoch(epoch, cfg)
+            method.begin_epoch(self.model, epoch, cfg)
             perm = torch.randperm(n, generator=gen)
             for start in range(0, n, cfg.batch_size):
-                factor = lr_factor((round_idx + step / total_steps) / total_rounds, self.warmup)
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * factor
+                if run_schedule:
+                    factor = lr_factor((round_idx + step / total_steps) / total_rounds, self.warmup)
+                    for g in opt.param_groups:
+                        g["lr"] = g["base_lr"] * factor
                 batch = self.batch(data.train, perm[start:start + cfg.batch_size])
                 losses = method.train_step(self.model, head, batch, opt, cfg)
                 for k, v in losses.items():

@@ -7,26 +7,33 @@ so the dual adapter is ours: a few dozen lines, tested against the formula it im
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Which adapters each view adds to a layer's output, and with what weight.
-VIEWS: dict[str, tuple[tuple[str, float], ...]] = {
-    "none": (),
-    "student": (("global", 1.0),),
-    "local": (("local", 1.0),),
-    "teacher": (("local", 0.5), ("global_frozen", 0.5)),   # the Dual-Adapter Teacher
-    "frozen": (("global_frozen", 1.0),),                   # single-adapter teacher (ablation)
-}
+# A view says which adapters a layer's output goes through: a weighted sum of named adapters' outputs
+# (h + sum_k w_k * A_k(h)), or `MixedParameters`: one adapter whose *parameters* mix two named adapters. The views
+# every model has are `BASE_VIEWS`; a method declares the others it uses (`Method.views`: FedDAT's teacher, ...).
+OutputMix = tuple[tuple[str, float], ...]
 
-# Views that run one adapter whose *parameters* mix two named adapters: alpha * first + (1 - alpha) * second,
-# alpha set by `AdaptedModel.set_parameter_mix` (APFL's personalised model). The second enters detached: APFL
-# trains it on its own loss, not through the mix.
-PARAMETER_VIEWS: dict[str, tuple[str, str]] = {
-    "mixed": ("local", "global"),
+
+@dataclass(frozen=True)
+class MixedParameters:
+    """A view running one adapter with parameters alpha * first + (1 - alpha) * second, alpha set by
+    `AdaptedModel.set_parameter_mix` (APFL's personalised model). The second enters detached: APFL trains it on
+    its own loss, not through the mix."""
+
+    first: str
+    second: str
+
+
+View = OutputMix | MixedParameters
+BASE_VIEWS: dict[str, View] = {
+    "none": (),
+    "student": (("global", 1.0),),   # the global adapter alone
+    "local": (("local", 1.0),),      # the local adapter alone
 }
 
 
@@ -58,7 +65,7 @@ def mixed_adapter(first: BottleneckAdapter, second: BottleneckAdapter, alpha: to
 
 @dataclass(frozen=True)
 class ParameterMix:
-    """A PARAMETER_VIEWS view as a slot runs it: one adapter with parameters alpha * first + (1 - alpha) * second."""
+    """A MixedParameters view as a slot runs it: one adapter with parameters alpha * first + (1 - alpha) * second."""
 
     first: str
     second: str
@@ -107,19 +114,23 @@ class AdaptedModel(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, layers: list[nn.Module], dim: int, names: tuple[str, ...],
-                 bottleneck: int):
+                 bottleneck: int, views: Mapping[str, View] | None = None):
         super().__init__()
         self.backbone = backbone
         self.names = names
+        self.views: dict[str, View] = {**BASE_VIEWS, **(views or {})}
         self.slots = nn.ModuleList([AdapterSlot(names, dim, bottleneck) for _ in layers])
         # Bound methods (not closures) as hooks, so that copy.deepcopy of the model rewires them to the copy.
         self._hooks = [layer.register_forward_hook(slot.hook) for layer, slot in zip(layers, self.slots)]
         self.view = "none"
-        self.mix_alpha: torch.Tensor | float | None = None  # the weight of PARAMETER_VIEWS views
+        self.mix_alpha: torch.Tensor | float | None = None  # the weight of MixedParameters views
+        # Per-client values of the round this model is running for one client (a method's proximal anchor, its
+        # training phase): the worker empties it when a client's round starts, so the method object holds none.
+        self.round_state: dict[str, Any] = {}
         self.autocast_dtype: torch.dtype | None = None  # the forward passes' autocast dtype (None: float32)
 
     def set_parameter_mix(self, alpha: torch.Tensor | float) -> None:
-        """The weight alpha of the first adapter in PARAMETER_VIEWS views (a tensor may require grad); takes
+        """The weight alpha of the first adapter in MixedParameters views (a tensor may require grad); takes
         effect at the next set_view."""
         self.mix_alpha = alpha
 
@@ -138,20 +149,20 @@ class AdaptedModel(nn.Module):
         self.view = "+".join(views)
 
     def _mix(self, view: str) -> Mix:
-        if view in PARAMETER_VIEWS:
-            missing = [n for n in PARAMETER_VIEWS[view] if n not in self.names]
+        if view not in self.views:
+            raise ValueError(f"unknown view {view!r}; choose one of {', '.join(self.views)}")
+        spec = self.views[view]
+        if isinstance(spec, MixedParameters):
+            missing = [n for n in (spec.first, spec.second) if n not in self.names]
             if missing:
                 raise ValueError(f"view {view!r} needs adapters {missing} that this model does not have")
             if self.mix_alpha is None:
                 raise ValueError(f"view {view!r} mixes adapter parameters: set its weight with set_parameter_mix")
-            return ParameterMix(*PARAMETER_VIEWS[view], self.mix_alpha)
-        if view not in VIEWS:
-            raise ValueError(f"unknown view {view!r}; choose one of {', '.join([*VIEWS, *PARAMETER_VIEWS])}")
-        mix = VIEWS[view]
-        missing = [n for n, _ in mix if n not in self.names]
+            return ParameterMix(spec.first, spec.second, self.mix_alpha)
+        missing = [n for n, _ in spec if n not in self.names]
         if missing:
             raise ValueError(f"view {view!r} needs adapters {missing} that this model does not have")
-        return mix
+        return spec
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         return [p for slot in self.slots for p in slot.adapters[name].parameters()]

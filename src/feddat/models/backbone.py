@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,12 +10,15 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerFast, ViltConfig, ViltModel
 
+from feddat.data.questions import EXTRA_WORDS, TASK_WORDS, WORDS
 from feddat.errors import FedDATError
+from feddat.models.blip import load_blip, random_blip
+from feddat.models.checkpoints import SIZES, verify_checksums
+from feddat.models.vocab import extend_word_vocabulary, is_word_level
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 EMBEDDED_DIRS = {"vilt": WEIGHTS_DIR / "vilt-small", "blip": WEIGHTS_DIR / "blip-small"}
 EMBEDDED_DIR = EMBEDDED_DIRS["vilt"]
-CHECKSUM_FILE = "SHA256SUMS"
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -29,9 +31,6 @@ def small_vilt_config(vocab_size: int, hidden: int = 128, layers: int = 4, heads
         num_channels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_image_length=-1,
         modality_type_vocab_size=2, type_vocab_size=2,
     )
-
-
-SIZES = ("small", "base")
 
 
 def vilt_config(size: str) -> ViltConfig:
@@ -68,8 +67,6 @@ def random_backbone(size: str, device: str | torch.device = "cpu", seed: int = 0
     """A frozen backbone (ViLT, or BLIP with family='blip') of a named size with random weights (no download):
     for timing and memory, not accuracy."""
     if check_family(family) == "blip":
-        from feddat.models.blip import random_blip
-
         return random_blip(size, device, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -206,36 +203,6 @@ def encode_from(model: ViltModel, call: LayerCall, hidden: torch.Tensor) -> tupl
     return sequence, model.pooler(sequence)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_checksums(directory: Path) -> None:
-    lines = [f"{file_sha256(p)}  {p.name}" for p in sorted(directory.iterdir())
-             if p.is_file() and p.name != CHECKSUM_FILE]
-    (directory / CHECKSUM_FILE).write_text("\n".join(lines) + "\n")
-
-
-def verify_checksums(directory: Path) -> None:
-    sums = directory / CHECKSUM_FILE
-    if not sums.exists():
-        return
-    for line in sums.read_text().splitlines():
-        digest, name = line.split(maxsplit=1)
-        path = directory / name
-        if not path.exists():
-            raise FedDATError(f"backbone file {path} is missing; rebuild it with `feddat pretrain`")
-        if file_sha256(path) != digest:
-            raise FedDATError(
-                f"backbone file {path} does not match its checksum in {sums}: the file is corrupt or was "
-                "changed; restore it (git checkout) or rebuild it with `feddat pretrain`"
-            )
-
-
 def load_backbone(path: str | Path | None = None, device: str | torch.device = "cpu", family: str = "vilt"):
     """(ViltModel, tokenizer) from a local directory or hub id; None means the embedded backbone. With
     family='blip', (feddat.models.blip.BlipBackbone, tokenizer) from a BLIP checkpoint (None: the embedded one).
@@ -247,8 +214,6 @@ def load_backbone(path: str | Path | None = None, device: str | torch.device = "
         if path is None and not embedded_dir("blip").is_dir():
             raise FedDATError(f"the embedded BLIP backbone is missing from {embedded_dir('blip')}; rebuild it with "
                               "`feddat pretrain --backbone blip` (docs/pretraining.md) or pass --model-path")
-        from feddat.models.blip import load_blip
-
         return load_blip(embedded_dir("blip") if path is None else path, device)
     source = EMBEDDED_DIR if path is None else path
     local = Path(source)
@@ -274,56 +239,12 @@ def load_backbone(path: str | Path | None = None, device: str | torch.device = "
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FedDATError(f"could not load a ViLT backbone from {source} (missing or mis-shaped weights for its "
                           f"config.json?): {first}") from e
-    if _is_word_level(tokenizer):
-        from feddat.data.questions import EXTRA_WORDS, TASK_WORDS, WORDS
-
+    if is_word_level(tokenizer):
         tokenizer = extend_word_vocabulary(model, tokenizer, list(WORDS) + list(EXTRA_WORDS) + list(TASK_WORDS))
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
-
-
-def _is_word_level(tokenizer) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return backend is not None and json.loads(backend.to_str())["model"]["type"] == "WordLevel"
-
-
-def extend_word_vocabulary(model: ViltModel, tokenizer: PreTrainedTokenizerFast, words: list[str],
-                           seed: int = 0) -> PreTrainedTokenizerFast:
-    """The word-level `tokenizer` with the `words` it lacks appended (ids after its last one), and `model`'s word
-    embeddings grown to match; returns the tokenizer (the same one when nothing was missing).
-
-    A word the tokenizer lacks would otherwise read as [UNK], so every such word would mean the same. New rows
-    are random directions at the mean norm of the existing words' rows, as pretraining gives words it never saw
-    (`feddat.pretrain.reinit_unseen_words`), drawn from their own generator seeded with `seed`: a backbone loads
-    the same way every time, and the global RNG is untouched. Existing ids and rows do not change.
-    """
-    vocab = tokenizer.get_vocab()
-    missing = [w for w in dict.fromkeys(words) if w not in vocab]
-    if not missing:
-        return tokenizer
-    old = model.get_input_embeddings()
-    start = max(old.num_embeddings, max(vocab.values()) + 1)
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    backend["model"]["vocab"].update({w: start + i for i, w in enumerate(missing)})
-    from tokenizers import Tokenizer
-
-    extended = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(backend)), model_max_length=tokenizer.model_max_length,
-        **{k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)})
-    # sorted: get_vocab() comes in hash order, and the mean below must not depend on it (bitwise determinism)
-    words_rows = sorted(i for w, i in vocab.items() if not w.startswith("[") and i < old.num_embeddings)
-    weight = old.weight.detach()
-    target = weight[words_rows].norm(dim=1).mean() if words_rows else weight.norm(dim=1).mean()
-    gen = torch.Generator().manual_seed(seed)
-    draw = torch.randn(start + len(missing) - old.num_embeddings, weight.shape[1], generator=gen)
-    draw = draw / draw.norm(dim=1, keepdim=True) * target.cpu()
-    grown = nn.Embedding(start + len(missing), weight.shape[1], padding_idx=old.padding_idx)
-    grown.weight.data = torch.cat([weight, draw.to(weight)])
-    model.set_input_embeddings(grown.to(weight.device))
-    model.config.vocab_size = grown.num_embeddings
-    return extended
 
 
 def _auto_tokenizer(source):

@@ -24,7 +24,10 @@ from transformers import BlipConfig, BlipTextConfig, BlipVisionConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
+from feddat.data.questions import EXTRA_WORDS, TASK_WORDS, WORDS
 from feddat.errors import FedDATError
+from feddat.models.checkpoints import SIZES, verify_checksums
+from feddat.models.vocab import extend_word_vocabulary, is_word_level
 
 FAMILY = "blip"
 # BLIP's VQA truncates questions at 35 tokens; a checkpoint with fewer text positions takes that many.
@@ -56,15 +59,11 @@ def blip_config(size: str) -> BlipConfig:
     = BLIP-base (a ViT-B/16 image encoder at 384 px, a BERT-base text encoder with cross-attention, BERT's
     vocabulary plus BLIP's two extra tokens)."""
     if size == "small":
-        from feddat.data.questions import EXTRA_WORDS, WORDS
-
         return small_blip_config(4 + len(set(WORDS) | set(EXTRA_WORDS)))
     if size == "base":
         vision = BlipVisionConfig(initializer_range=0.02)  # ViT-B/16, 384 px
         text = BlipTextConfig(num_attention_heads=12)      # BERT-base: 12 layers of width 768, 12 heads
         return BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict())
-    from feddat.models.backbone import SIZES
-
     raise FedDATError(f"unknown backbone size {size!r}; choose one of {', '.join(SIZES)}")
 
 
@@ -342,8 +341,6 @@ def load_blip(path: str | Path, device: str | torch.device = "cpu"):
     local = Path(path)
     if not local.exists():
         local = _snapshot(str(path))
-    from feddat.models.backbone import verify_checksums
-
     verify_checksums(local)
     try:
         raw = json.loads((local / "config.json").read_text())
@@ -368,11 +365,7 @@ def load_blip(path: str | Path, device: str | torch.device = "cpu"):
     _load_part(model.vision_model, state, VISION_PREFIX, "image encoder", local)
     _load_part(model.text_model, state, text_prefix, "text encoder", local)
     tokenizer = _tokenizer(local)
-    from feddat.models.backbone import _is_word_level, extend_word_vocabulary
-
-    if _is_word_level(tokenizer):
-        from feddat.data.questions import EXTRA_WORDS, TASK_WORDS, WORDS
-
+    if is_word_level(tokenizer):
         tokenizer = extend_word_vocabulary(model.text_model, tokenizer,
                                            list(WORDS) + list(EXTRA_WORDS) + list(TASK_WORDS))
     model.to(device).eval()

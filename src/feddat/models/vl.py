@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 from torch import nn
 
-from feddat.models.adapters import AdaptedModel
+from feddat.data.pool import HeadSpec
+from feddat.models import blip
+from feddat.models.adapters import AdaptedModel, View
 from feddat.models.backbone import LayerCall, backbone_family, encode, encode_from, encode_until
 
 
@@ -37,14 +39,6 @@ class ChoiceHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:  # (B, k, d)
         return self.net(pooled).squeeze(-1)
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """What a client's head predicts: its task kind (feddat.data.pool.TASKS) and its number of answers."""
-
-    task: str
-    n_answers: int
 
 
 def make_head(dim: int, spec: "HeadSpec | int") -> nn.Module:
@@ -81,24 +75,26 @@ def _regroup(features: torch.Tensor, k: int | None) -> torch.Tensor:
     return features if k is None else features.unflatten(0, (-1, k))
 
 
-def adapt_vilt(backbone, names: tuple[str, ...], reduction: int) -> AdaptedModel:
-    """Attach adapter slots after the output block of every ViLT layer."""
+def adapt_vilt(backbone, names: tuple[str, ...], reduction: int, views: Mapping[str, View] | None = None) -> AdaptedModel:
+    """Attach adapter slots after the output block of every ViLT layer; `views` beyond the base ones (a method's
+    `views`)."""
     dim = backbone.config.hidden_size
     if reduction <= 0 or dim // reduction < 1:
         raise ValueError(f"adapter reduction {reduction} does not fit hidden size {dim}")
     layers = [layer.output for layer in backbone.encoder.layer]
-    return AdaptedModel(backbone, layers, dim, names, dim // reduction)
+    return AdaptedModel(backbone, layers, dim, names, dim // reduction, views)
 
 
-def adapt_backbone(backbone, names: tuple[str, ...], reduction: int) -> AdaptedModel:
+def adapt_backbone(backbone, names: tuple[str, ...], reduction: int,
+                   views: Mapping[str, View] | None = None) -> AdaptedModel:
     """Attach adapter slots to a backbone of either family: `adapt_vilt`, or after the FFN of every layer of
     both of BLIP's encoders (`BlipBackbone.adapted_layers`)."""
     if backbone_family(backbone) == "vilt":
-        return adapt_vilt(backbone, names, reduction)
+        return adapt_vilt(backbone, names, reduction, views)
     dim = backbone.config.hidden_size
     if reduction <= 0 or dim // reduction < 1:
         raise ValueError(f"adapter reduction {reduction} does not fit hidden size {dim}")
-    return AdaptedModel(backbone, backbone.adapted_layers(), dim, names, dim // reduction)
+    return AdaptedModel(backbone, backbone.adapted_layers(), dim, names, dim // reduction, views)
 
 
 def compile_layers(backbone) -> None:
@@ -133,8 +129,6 @@ def pooled_features(model: AdaptedModel, batch: dict) -> torch.Tensor:
     batch, k = ungroup(batch)
     with autocast(model):
         if backbone_family(model.backbone) == "blip":
-            from feddat.models import blip
-
             pooled = blip.encode(model.backbone, batch["input_ids"], batch["attention_mask"],
                                  batch["pixel_values"])[1]
         elif "prefix" in batch:
@@ -160,8 +154,6 @@ def pooled_features_of_views(model: AdaptedModel, batch: dict, views: tuple[str,
     batch, k = ungroup(batch)
     with autocast(model):
         if backbone_family(model.backbone) == "blip":
-            from feddat.models import blip
-
             features = blip.pooled_features_of_views(model, batch, views, stacked)
         else:
             features = _vilt_features_of_views(model, batch, views, stacked)

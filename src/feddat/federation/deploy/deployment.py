@@ -14,6 +14,9 @@
 6. stops every process it started (and the processes those started), also on Ctrl-C, SIGTERM, an error or a
    timeout; with Linux, they also get SIGTERM if the process driving the deployment dies.
 
+The TLS material is made by feddat.federation.deploy.certificates, the processes started and stopped by
+feddat.federation.deploy.processes.
+
 Layout of the work directory:
 
     tls/        ca.pem, ca.key, superlink.pem, superlink.key
@@ -26,9 +29,6 @@ Layout of the work directory:
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
-import ipaddress
 import os
 import signal
 import socket
@@ -36,111 +36,28 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from feddat.config import RunConfig, normalise, parse_pairs
 from feddat.errors import FedDATError
+from feddat.federation.deploy.certificates import LOOPBACK, TLSFiles, write_node_key, write_tls_files
+from feddat.federation.deploy.processes import (Identity, Process, Spawner, die_with_parent, process_family,
+                                                stop_processes)
 
-LOOPBACK = "127.0.0.1"
 CONNECTION = "deployment"          # the SuperLink connection's name in flwr-home/config.toml
 START_TIMEOUT_S = 60.0             # for the SuperLink to accept connections
-STOP_GRACE_S = 5.0                 # between SIGTERM and SIGKILL when stopping
 NODE_ID_LINE = "SuperNode ID"      # what flower-supernode logs once the SuperLink accepted it
 REGISTERED = "registered"          # start_supernode's default key: the one registered for that node
 
 
-# ----- ports, certificates, keys -----
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port nobody listens on right now (the OS picks it), so parallel deployments do not collide."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
-
-
-@dataclass(frozen=True)
-class TLSFiles:
-    ca: Path         # the CA certificate: SuperNodes and flwr (--root-certificates) trust it
-    cert: Path       # the SuperLink's certificate, signed by the CA
-    key: Path        # the SuperLink's private key
-
-
-def write_tls_files(directory: Path, hosts: tuple[str, ...] = ("localhost", LOOPBACK), days: int = 30) -> TLSFiles:
-    """A new CA and a SuperLink certificate it signs, valid for `hosts` (names or IP addresses)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-
-    def name(common: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    def usage(ca: bool) -> x509.KeyUsage:
-        return x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                             data_encipherment=False, key_agreement=not ca, key_cert_sign=ca, crl_sign=ca,
-                             encipher_only=False, decipher_only=False)
-
-    def sans() -> list[x509.GeneralName]:
-        out: list[x509.GeneralName] = []
-        for h in hosts:
-            try:
-                out.append(x509.IPAddress(ipaddress.ip_address(h)))
-            except ValueError:
-                out.append(x509.DNSName(h))
-        return out
-
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = name("FedDAT deployment CA")
-    ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-               .add_extension(usage(ca=True), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-               .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP384R1())
-    cert = (x509.CertificateBuilder().subject_name(name(hosts[0])).issuer_name(ca_cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(usage(ca=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName(sans()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    pem = serialization.Encoding.PEM
-    plain = serialization.NoEncryption()
-    files = TLSFiles(directory / "ca.pem", directory / "superlink.pem", directory / "superlink.key")
-    _write_private(directory / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain))
-    files.ca.write_bytes(ca_cert.public_bytes(pem))
-    files.cert.write_bytes(cert.public_bytes(pem))
-    _write_private(files.key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain))
-    return files
-
-
-def write_node_key(path: Path) -> Path:
-    """A SuperNode's key pair in OpenSSH format (EC P-384, what Flower's node authentication takes): the private
-    key at `path` (mode 600), the public one at `path`.pub, which is returned."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()))
-    public = path.with_name(path.name + ".pub")
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH) + b"\n")
-    return public
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.touch(mode=0o600, exist_ok=True)
-    os.chmod(path, 0o600)
-    path.write_bytes(data)
 
 
 def toml_text(values: Mapping[str, Any]) -> str:
@@ -153,169 +70,6 @@ def toml_text(values: Mapping[str, Any]) -> str:
     return tomli_w.dumps(dict(values))
 
 
-# ----- processes -----
-# A process is named by (pid, start time): the system gives a pid again once it is free, so a pid alone could
-# name a stranger by the time it is signalled.
-Identity = tuple[int, int]
-
-
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the name (state, ppid, pgrp, session, ..., start time at 19)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rfind(")") + 2:].split()
-
-
-def _process_table() -> dict[int, tuple[int, int, int]]:
-    """pid -> (parent pid, session id, start time) of every process (Linux /proc; elsewhere empty)."""
-    table = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        fields = _stat(int(entry.name))
-        if fields is not None:
-            table[int(entry.name)] = (int(fields[1]), int(fields[3]), int(fields[19]))
-    return table
-
-
-def _descendants(pid: int, table: dict[int, tuple[int, int, int]]) -> list[int]:
-    """Every process below `pid`."""
-    children: dict[int, list[int]] = {}
-    for child, (parent, _, _) in table.items():
-        children.setdefault(parent, []).append(child)
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _family(pid: int, tree: bool = True) -> set[Identity]:
-    """What stopping process `pid` must reach: every process left in its session (each process here is started
-    as a session leader, so its session id is its pid; this finds what it started even after it died and init
-    adopted them) and, with `tree` (only while `pid` is ours, i.e. not yet reaped and so not reused), `pid` and
-    every process below it."""
-    table = _process_table()
-    pids = {p for p, (_, session, _) in table.items() if session == pid}
-    if tree and pid in table:
-        pids |= {pid, *_descendants(pid, table)}
-    return {(p, table[p][2]) for p in pids}
-
-
-def running(identity: Identity) -> bool:
-    """Whether that process still runs (a zombie does not)."""
-    fields = _stat(identity[0])
-    return fields is not None and int(fields[19]) == identity[1] and fields[0] != "Z"
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the process that started it dies (Linux), so nothing outlives
-    a deployment whose driver was killed."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-class _Spawner:
-    """A thread that runs the calls given to it, one at a time, until closed."""
-
-    def __init__(self):
-        import queue
-
-        self._calls: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._serve, name="deploy-spawner", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while (item := self._calls.get()) is not None:
-            fn, box, done = item
-            try:
-                box.append((True, fn()))
-            except BaseException as e:  # handed to the caller
-                box.append((False, e))
-            done.set()
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        box: list = []
-        done = threading.Event()
-        self._calls.put((fn, box, done))
-        done.wait()
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
-
-    def close(self) -> None:
-        self._calls.put(None)
-        self._thread.join(timeout=5)
-
-
-@dataclass
-class Process:
-    name: str
-    popen: subprocess.Popen
-    log: Path
-    offset: int = 0      # where this process's output starts in `log` (a restarted node appends to its log)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def running(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_text(self) -> str:
-        """What this process wrote to its log."""
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(self.offset)
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def tail(self, lines: int = 25) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-
-def stop_processes(processes: list[Process], grace: float = STOP_GRACE_S) -> set[Identity]:
-    """SIGTERM each process, every process below it and every process left in its session; SIGKILL what is
-    left after `grace`. Returns the processes it stopped."""
-    targets: set[Identity] = set()
-
-    def gather() -> None:
-        for p in processes:
-            targets.update(_family(p.pid, tree=p.popen.poll() is None))
-
-    def signal_all(sig: int) -> None:
-        for identity in targets:
-            if running(identity):
-                try:
-                    os.kill(identity[0], sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-
-    def wait_gone() -> None:
-        end = time.time() + grace
-        while time.time() < end and any(running(i) for i in targets):
-            for p in processes:
-                p.popen.poll()  # reap our own children
-            time.sleep(0.1)
-
-    gather()
-    signal_all(signal.SIGTERM)
-    wait_gone()
-    gather()  # and whatever was started meanwhile
-    if any(running(i) for i in targets):
-        signal_all(signal.SIGKILL)
-        wait_gone()
-    return targets
-
-
-# ----- the deployment -----
 @dataclass
 class Deployment:
     """A SuperLink and `clients` SuperNodes on this machine; use as a context manager (stops everything on exit).
@@ -349,7 +103,7 @@ class Deployment:
         self.home = self.workdir / "flwr-home"
         self.out = self.workdir / "out"
         self.tls_files: TLSFiles | None = None
-        self._spawner: _Spawner | None = None
+        self._spawner: Spawner | None = None
         self.stopped: set[Identity] = set()   # every process stop() stopped
 
     # -- lifecycle --
@@ -439,7 +193,7 @@ class Deployment:
         log = log or self.logs / f"{name}.log"
         offset = log.stat().st_size if log.exists() else 0
         if self._spawner is None:
-            self._spawner = _Spawner()
+            self._spawner = Spawner()
         popen = self._spawner.call(lambda: self._popen(argv, log))
         proc = Process(name, popen, log, offset)
         self.processes.append(proc)
@@ -449,7 +203,7 @@ class Deployment:
         with open(log, "ab") as f:
             return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
                                     cwd=self.workdir, start_new_session=True,
-                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                    preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
 
     def _exe(self, name: str) -> str:
         path = self.bin / name
@@ -537,7 +291,7 @@ class Deployment:
     def kill_supernode(self, index: int) -> None:
         """SIGKILL SuperNode `index` and every process it started (its ClientApp too), as a machine that dies."""
         proc = self.nodes[index]
-        pids = sorted(pid for pid, _ in _family(proc.pid, tree=proc.popen.poll() is None))
+        pids = sorted(pid for pid, _ in process_family(proc.pid, tree=proc.popen.poll() is None))
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -643,16 +397,15 @@ def check_run_config(app_dir: Path, values: Mapping[str, Any]) -> None:
     """FedDATError naming what is wrong with run-config `values` before anything starts: keys the app's run
     config does not have (flwr run may only override keys of [tool.flwr.app.config]), and values the
     ServerApp would refuse (checked as it checks them, on the app's defaults overridden by `values`)."""
-    import tomllib
-
-    from feddat.federation.flower_app import config_from_values
-
     known = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"].get("config", {})
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise FedDATError(f"unknown run-config keys {unknown}; the app's keys ([tool.flwr.app.config] in "
                           f"{app_dir / 'pyproject.toml'}): {', '.join(known)}")
-    config_from_values({**known, **values})
+    given = normalise({**known, **values})
+    for key in ("out_dir", "resume_dir"):  # the ServerApp's, not the run's config
+        given.pop(key, None)
+    RunConfig.from_dict(given)
 
 
 def find_app_dir() -> Path:
@@ -668,82 +421,6 @@ def find_app_dir() -> Path:
 
 # ----- command line -----
 def parse_run_config(text: str) -> dict[str, Any]:
-    """`k=v k2="s"` (as `flwr run --run-config`) into a dict; FedDATError naming a malformed item."""
-    import re
-    import tomllib
-
-    values: dict[str, Any] = {}
-    for item in re.findall(r"\S+?=(?:'[^']*'|\"[^\"]*\"|\S+)|\S+", text or ""):
-        if "=" not in item:
-            raise FedDATError(f"--run-config item {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        try:
-            values[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            values[key] = raw  # an unquoted string, e.g. method=fedavg-adapter
-    return values
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", required=True, help="directory for certificates, keys, node state, logs and the "
-                   "run's out/ (results.json, clients/, checkpoint/)")
-    p.add_argument("--clients", type=int, default=3, help="SuperNodes to start, one per client: the benchmark's "
-                   "first N clients (default: 3)")
-    p.add_argument("--run-config", default="", help="run-config values as for flwr run, e.g. \"rounds=2 "
-                   "model-path='/path/to/backbone' secure-aggregation=true\" (keys: [tool.flwr.app.config])")
-    p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
-    p.add_argument("--no-auth", action="store_true", help="TLS, but any SuperNode may connect")
-    p.add_argument("--node-config", default="", help="extra node-config values for every SuperNode, e.g. "
-                   "\"device='cuda' threads=4\" (each node gets client-id, and its own client-state-dir and "
-                   "cache-dir under WORKDIR/nodes/<i>/ unless given here)")
-    p.add_argument("--timeout", type=float, default=3600.0, help="seconds the run may take (default: 3600)")
-    p.add_argument("--app", help="the Flower app's directory (default: the repository this module is in)")
-
-
-def _sigterm_to_exit(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
-def main(args: argparse.Namespace) -> int:
-    """`feddat deploy`: start, run once, print the results' table, stop everything."""
-    from feddat.eval.results import client_table
-
-    if args.clients < 1:
-        raise FedDATError(f"--clients must be a positive integer, got {args.clients}")
-    if args.timeout <= 0:
-        raise FedDATError(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    run_config = parse_run_config(args.run_config)
-    for key in ("clients", "out-dir"):
-        if key in run_config:
-            raise FedDATError(f"--run-config may not set {key}: feddat deploy sets it (use --clients / --workdir)")
-    deployment = Deployment(Path(args.workdir), args.clients, tls=not args.insecure,
-                            auth=not (args.insecure or args.no_auth), node_config=parse_run_config(args.node_config),
-                            app_dir=Path(args.app) if args.app else None)
-    check_run_config(deployment.app_dir, {"clients": args.clients, **run_config})
-    previous = signal.signal(signal.SIGTERM, _sigterm_to_exit)
-    try:
-        with deployment:
-            results = deployment.run(run_config, timeout=args.timeout)
-    except KeyboardInterrupt:
-        print(f"feddat deploy: interrupted; every process it started is stopped (logs in {deployment.logs})",
-              file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print()
-    print(client_table(results))
-    missing = {r["round"] + 1: sorted(r["missing_clients"]) for r in results["rounds"] if r.get("missing_clients")}
-    for round_number, names in missing.items():
-        print(f"round {round_number}: no result from {', '.join(names)}")
-    print(f"\nwrote {deployment.out / 'results.json'}; logs in {deployment.logs}")
-    return 0
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m feddat.federation.deploy", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    try:
-        sys.exit(main(parser.parse_args()))
-    except FedDATError as e:
-        print(f"feddat deploy: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """`k=v k2="s"` (as `flwr run --run-config` takes it) into a dict, keys as written (node-config keys such as
+    client-id are not run-config keys); FedDATError naming a malformed item."""
+    return parse_pairs(text or "", config_keys=False)

@@ -32,6 +32,10 @@ import torch
 
 from feddat.config import RunConfig
 from feddat.errors import FedDATError
+from feddat.federation.flower.records import ARRAYS, CONFIG, METRICS, RUN_CONFIG, record_to_state
+
+# Flower's SecAgg+ and legacy-compat modules (flwr.server.workflow, flwr.client.mod, flwr.compat, flwr.common) are
+# imported where they are used: only a run with secure aggregation needs them.
 
 State = dict[str, torch.Tensor]
 
@@ -168,8 +172,6 @@ def _as_legacy_fit(msg, context, call_next: Callable):
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-    from feddat.federation.flower_app import ARRAYS, CONFIG, METRICS, RUN_CONFIG, record_to_state
-
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     keys = json.loads(str(fitins.config[KEYS_KEY]))
     run_config = json.loads(str(fitins.config[RUN_CONFIG_KEY]))
@@ -195,7 +197,7 @@ def _as_legacy_fit(msg, context, call_next: Callable):
         raise FedDATError("the train function sent no update of the shared adapter to aggregate securely")
     change = [update[k].double().numpy() - np.asarray(a, dtype=np.float64) for k, a in zip(keys, global_arrays)]
     metrics = dict(reply.content[METRICS])
-    cfg = RunConfig.from_dict({k.replace("-", "_"): v for k, v in run_config.items()})
+    cfg = RunConfig.from_values(run_config)
     weight = min(int(metrics["num-examples"]), max_weight(cfg)) if cfg.aggregation == "samples" else 1
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(change), weight,
                     {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, bytes))})

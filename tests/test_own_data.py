@@ -1,0 +1,68 @@
+"""Training on the user's own client folders (feddat.data.folders) from the command line: run, eval, predict."""
+
+import json
+
+import pytest
+
+from feddat.cli import main
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """The Domain benchmark written as five client folders, as `feddat data --export` writes them."""
+    root = tmp_path_factory.mktemp("own")
+    cache = tmp_path_factory.mktemp("cache")
+    assert main(["data", "--benchmark", "domain", "--export", str(root / "clients"), "--cache-dir", str(cache),
+                 "--train-per-client", "32", "--val-per-client", "8", "--test-per-client", "32"]) == 0
+    return root / "clients"
+
+
+def _flags(tiny_backbone_dir, tmp_path):
+    return ["--model-path", str(tiny_backbone_dir), "--cache-dir", str(tmp_path / "cache"), "--rounds", "2",
+            "--batch-size", "16", "--threads", "1", "--reduction", "4", "--quiet"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("engine", ["inprocess", "flower"])
+def test_run_on_a_folder_of_client_folders(folders, tiny_backbone_dir, tmp_path, engine, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--clients-dir", str(folders), "--out", str(out), "--engine", engine,
+                 *_flags(tiny_backbone_dir, tmp_path)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["clients"] == ["blurry", "clipart", "night", "sketch", "textured"]  # folder names, sorted
+    assert set(results["final"]["clients"]) == set(results["clients"])
+    assert f"on {folders}" in capsys.readouterr().out
+    if engine == "inprocess":  # the saved models re-score as the run scored them, from the same folders
+        assert main(["eval", "--run", str(out), "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+        again = json.loads((tmp_path / "eval" / "eval.json").read_text())
+        assert again["final"]["clients"] == pytest.approx(results["final"]["clients"], abs=1e-6)
+        image = folders / "clipart" / "test" / "000000.png"
+        if not image.exists():
+            image = next((folders / "clipart" / "test").glob("*.png"))
+        capsys.readouterr()
+        assert main(["predict", "--run", str(out), "--client", "clipart", "--image", str(image),
+                     "--question", "what color is the circle ?", "--top-k", "2"]) == 0
+        assert len(capsys.readouterr().out.strip().splitlines()) == 2
+
+
+def test_clients_one_by_one_and_their_names(folders, tiny_backbone_dir, tmp_path):
+    out = tmp_path / "pairs"
+    assert main(["run", "--client", f"a={folders / 'night'}", "--client", f"b={folders / 'sketch'}", "--out",
+                 str(out), "--method", "fedavg-adapter", *_flags(tiny_backbone_dir, tmp_path)]) == 0
+    assert json.loads((out / "results.json").read_text())["clients"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--client", "a=X", "--client", "a=Y"], "two clients are named 'a'"),
+    (["--client", "noequals"], "is not NAME=PATH"),
+    (["--clients-dir", "DIR", "--data-dir", "DIR"], "cannot go with data-dir"),
+    (["--clients-dir", "DIR", "--partition", "iid", "--num-clients", "4"], "cannot go with partition iid"),
+    (["--clients-dir", "DIR/none"], "does not exist"),
+    (["--clients-dir", "DIR", "--columns", "questoin"], "column mapping 'questoin' is not NAME=COLUMN"),
+])
+def test_bad_own_data_options_stop_with_one_line(folders, tmp_path, flags, message, capsys):
+    flags = [f.replace("DIR", str(folders)) for f in flags]
+    assert main(["run", "--out", str(tmp_path / "bad"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "bad").exists()
