@@ -163,7 +163,7 @@ def test_a_client_that_sits_out_keeps_its_state_and_refreshes_its_frozen_copy(ti
     """Private state unchanged through skipped rounds; on its next round FedDAT's frozen copy starts as the
     newest aggregate, not the one of the client's previous round."""
     from feddat.federation.inprocess import build, open_client_states, round_clients
-    from feddat.federation.server import RoundCollector
+    from feddat.federation.server import RoundCollector, ServerRules
 
     cfg = tiny_config(partition="iid", num_clients=6, clients_per_round=2, rounds=4, seed=1)
     setup = build(cfg)
@@ -175,7 +175,7 @@ def test_a_client_that_sits_out_keeps_its_state_and_refreshes_its_frozen_copy(ti
     for r in range(cfg.rounds):
         sampled = round_clients(cfg, 6, r)
         before = {n: {k: v.clone() for k, v in states[n].items()} for n in names}
-        collector = RoundCollector(cfg, [names[i] for i in sampled], True, glob, r)
+        collector = RoundCollector(ServerRules.of(cfg), [names[i] for i in sampled], True, glob, r)
         for i in sampled:
             name = names[i]
             res = worker.fit(setup.clients[i], states[name], glob, r, cfg.rounds, cfg.seed, i)

@@ -101,22 +101,22 @@ def test_dp_noise_scale_is_multiplier_times_clip_over_n_and_seeded():
 
 
 def test_dp_aggregate_clips_every_client_then_adds_calibrated_noise(tiny_config):
-    from feddat.federation.server import aggregate
+    from feddat.federation.server import ServerRules, aggregate
 
     cfg = tiny_config(aggregation="equal", dp_clip=0.5, dp_noise_multiplier=2.0, seed=3)
     ref = {"w": torch.zeros(100_000)}
     ups = {f"c{i}": {"w": torch.full((100_000,), float(i + 1))} for i in range(4)}  # changes far above the clip
-    new, info = aggregate(cfg, ups, {n: 1 for n in ups}, ref, round_idx=2)
+    new, info = aggregate(ServerRules.of(cfg), ups, {n: 1 for n in ups}, ref, round_idx=2)
     assert info["dp"]["clipped_clients"] == sorted(ups)
     assert info["dp"]["noise_std"] == pytest.approx(2.0 * 0.5 / 4)
     clipped_mean = 0.5 / math.sqrt(100_000)   # every clipped change is the all-equal vector of norm 0.5
     noise = new["w"].double() - clipped_mean
     assert noise.std().item() == pytest.approx(0.25, rel=0.02) and abs(noise.mean().item()) < 0.005
-    same, _ = aggregate(cfg, ups, {n: 1 for n in ups}, ref, round_idx=2)
-    other, _ = aggregate(cfg, ups, {n: 1 for n in ups}, ref, round_idx=3)
+    same, _ = aggregate(ServerRules.of(cfg), ups, {n: 1 for n in ups}, ref, round_idx=2)
+    other, _ = aggregate(ServerRules.of(cfg), ups, {n: 1 for n in ups}, ref, round_idx=3)
     assert torch.equal(same["w"], new["w"]) and not torch.equal(other["w"], new["w"])
     quiet = tiny_config(aggregation="equal", dp_clip=0.5)
-    clipped_only, info = aggregate(quiet, ups, {n: 1 for n in ups}, ref, round_idx=2)
+    clipped_only, info = aggregate(ServerRules.of(quiet), ups, {n: 1 for n in ups}, ref, round_idx=2)
     assert info["dp"]["noise_std"] == 0.0
     assert clipped_only["w"].double().mean().item() == pytest.approx(clipped_mean, rel=1e-5)
 
@@ -171,11 +171,11 @@ def test_valid_server_settings_pass():
 
 
 def test_round_collector_caps_claimed_weights_and_counts_usable_results(tiny_config):
-    from feddat.federation.server import RoundCollector
+    from feddat.federation.server import RoundCollector, ServerRules
 
     cfg = tiny_config(min_clients=2, round_retries=1, train_per_client=32)
     ref = {"w": torch.zeros(2)}
-    rc = RoundCollector(cfg, ["a", "b", "c"], shares=True, reference=ref, round_idx=0)
+    rc = RoundCollector(ServerRules.of(cfg), ["a", "b", "c"], shares=True, reference=ref, round_idx=0)
     rc.answered("a", {"loss": 1.0}, 10**9, {"w": torch.ones(2)})          # claims a billion examples
     rc.answered("b", {"loss": 1.0}, 32, {"w": torch.tensor([1.0, float("nan")])})
     rc.failed("c", "failed: boom")

@@ -24,7 +24,7 @@ from feddat.federation.faults import check_crash, corrupt, delay
 from feddat.federation.pooled import run_pooled
 from feddat.federation.rounds import Setup, evaluate_round, finish_run, restore
 from feddat.federation.sampling import sample_clients
-from feddat.federation.server import RoundCollector, privacy_report
+from feddat.federation.server import RoundCollector, ServerRules, privacy_report
 from feddat.federation.worker import State, Worker
 from feddat.models.backbone import load_backbone
 from feddat.seeding import mix_seed
@@ -154,7 +154,7 @@ def _rounds(setup: Setup, states, out_dir: Path | None, progress: bool, tracker,
         if cfg.samples_clients:  # the others sit the round out, keeping their state
             chosen = set(sampled)
             order = [i for i in order if i in chosen]
-        collector = RoundCollector(cfg, [names[i] for i in sampled], worker.method.shared is not None,
+        collector = RoundCollector(ServerRules.of(cfg), [names[i] for i in sampled], worker.method.shared is not None,
                                    global_state, r)
         pending = order
         while True:

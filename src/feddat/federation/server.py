@@ -11,10 +11,11 @@ Both engines record the same round entry (`missing_clients`, `rejected_clients`,
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
-from feddat.config import RunConfig
+from feddat.config import FederationConfig, PrivacyConfig, RunConfig
 from feddat.errors import FedDATError
 from feddat.federation.aggregate import (DP_DELTA, add_gaussian_noise, clip_update, combine, dp_epsilon,
                                          dp_noise_std, robust_minimum, update_bytes, update_norm,
@@ -26,24 +27,40 @@ log = logging.getLogger(__name__)
 State = dict[str, torch.Tensor]
 
 
-def aggregate(cfg: RunConfig, updates: dict[str, State], num_examples: dict[str, int], reference: State,
+@dataclass(frozen=True)
+class ServerRules:
+    """What the server's round reads of a run's config: its federation and privacy sections, the seed (of the
+    DP noise) and the most training examples one client can hold (the cap on a claimed FedAvg weight)."""
+
+    federation: FederationConfig
+    privacy: PrivacyConfig
+    seed: int
+    max_examples: int
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "ServerRules":
+        return cls(cfg.section("federation"), cfg.section("privacy"), cfg.seed, cfg.max_train_examples)
+
+
+def aggregate(rules: ServerRules, updates: dict[str, State], num_examples: dict[str, int], reference: State,
               round_idx: int) -> tuple[State, dict]:
     """The new global adapter from accepted updates, and what to record about it (`aggregated_clients` when
     the rule drops some, `dp` when DP is on). Updates are taken in client-name order, so every engine
     computes the same numbers."""
+    fed, priv = rules.federation, rules.privacy
     names = sorted(updates)
     ups = [updates[n] for n in names]
-    weights = [float(num_examples[n]) if cfg.aggregation == "samples" else 1.0 for n in names]
+    weights = [float(num_examples[n]) if fed.aggregation == "samples" else 1.0 for n in names]
     info: dict = {}
-    if cfg.dp:
-        clipped, norms = zip(*(clip_update(u, reference, cfg.dp_clip) for u in ups))
+    if priv.dp_clip > 0:
+        clipped, norms = zip(*(clip_update(u, reference, priv.dp_clip) for u in ups))
         new = weighted_mean(list(clipped), weights)
-        std = dp_noise_std(cfg.dp_noise_multiplier, cfg.dp_clip, weights) if cfg.dp_noise_multiplier > 0 else 0.0
+        std = dp_noise_std(priv.dp_noise_multiplier, priv.dp_clip, weights) if priv.dp_noise_multiplier > 0 else 0.0
         if std > 0:
-            new = add_gaussian_noise(new, std, mix_seed(cfg.seed, round_idx, 0xD1F))
-        info["dp"] = {"noise_std": std, "clipped_clients": [n for n, x in zip(names, norms) if x > cfg.dp_clip]}
+            new = add_gaussian_noise(new, std, mix_seed(rules.seed, round_idx, 0xD1F))
+        info["dp"] = {"noise_std": std, "clipped_clients": [n for n, x in zip(names, norms) if x > priv.dp_clip]}
         return new, info
-    new, used = combine(cfg.aggregation, ups, weights, cfg.byzantine, cfg.trim_fraction)
+    new, used = combine(fed.aggregation, ups, weights, priv.byzantine, priv.trim_fraction)
     if len(used) < len(names):
         info["aggregated_clients"] = [names[i] for i in used]
     return new, info
@@ -68,8 +85,9 @@ def privacy_report(cfg: RunConfig) -> dict | None:
 class RoundCollector:
     """One round's answers as the server sees them; see the module docstring."""
 
-    def __init__(self, cfg: RunConfig, names: list[str], shares: bool, reference: State | None, round_idx: int):
-        self.cfg, self.names, self.shares, self.reference, self.round_idx = cfg, names, shares, reference, round_idx
+    def __init__(self, rules: ServerRules, names: list[str], shares: bool, reference: State | None, round_idx: int):
+        self.rules, self.names, self.shares, self.reference, self.round_idx = rules, names, shares, reference, round_idx
+        self.fed, self.priv = rules.federation, rules.privacy
         self.train: dict[str, dict] = {}
         self.sizes: dict[str, int] = {}
         self.sent: dict[str, int] = {}
@@ -82,8 +100,9 @@ class RoundCollector:
 
     @property
     def need(self) -> int:
-        rule = robust_minimum(self.cfg.aggregation, self.cfg.byzantine) if self.shares and not self.cfg.dp else 1
-        return max(self.cfg.min_clients, rule)
+        dp = self.priv.dp_clip > 0
+        rule = robust_minimum(self.fed.aggregation, self.priv.byzantine) if self.shares and not dp else 1
+        return max(self.fed.min_clients, rule)
 
     @property
     def usable(self) -> int:
@@ -101,7 +120,7 @@ class RoundCollector:
         self.missing.pop(name, None)
         self.train[name] = dict(metrics)
         # a FedAvg weight is the server's to know: a client claiming more examples than it holds is capped
-        self.sizes[name] = max(1, min(int(num_examples), self.cfg.max_train_examples))
+        self.sizes[name] = max(1, min(int(num_examples), self.rules.max_examples))
         if self.sizes[name] != num_examples:
             log.warning("round %d: client %s claims %s training examples; weighting it by %d",
                         self.round_idx + 1, name, num_examples, self.sizes[name])
@@ -110,7 +129,7 @@ class RoundCollector:
         update = update or {}
         self.sent[name] = update_bytes(update)
         try:
-            validate_update(update, self.reference, name, self.cfg.max_update_norm or None)
+            validate_update(update, self.reference, name, self.priv.max_update_norm or None)
         except FedDATError as e:
             self.rejected[name] = str(e)
             log.warning("round %d: rejected the update of client %s: %s", self.round_idx + 1, name, e)
@@ -124,21 +143,20 @@ class RoundCollector:
 
     def retry(self) -> bool:
         """Whether to ask the missing clients again (and count the attempt)."""
-        if self.enough() or self.attempts > self.cfg.round_retries or not self.to_retry():
+        if self.enough() or self.attempts > self.fed.round_retries or not self.to_retry():
             return False
         self.attempts += 1
         log.warning("round %d: %d usable result(s), %d needed; asking %s again (attempt %d of %d)",
                     self.round_idx + 1, self.usable, self.need, ", ".join(self.to_retry()), self.attempts,
-                    self.cfg.round_retries + 1)
+                    self.fed.round_retries + 1)
         return True
 
     def failure(self) -> FedDATError:
         why = [f"{n}: {r}" for n, r in self.missing.items()] + [f"{n}: rejected ({r})" for n, r in self.rejected.items()]
-        cfg = self.cfg
-        if self.need > cfg.min_clients:
-            rule = f"aggregation={cfg.aggregation} with byzantine={cfg.byzantine} needs {self.need} updates"
+        if self.need > self.fed.min_clients:
+            rule = f"aggregation={self.fed.aggregation} with byzantine={self.priv.byzantine} needs {self.need} updates"
         else:
-            rule = f"min-clients={cfg.min_clients}"
+            rule = f"min-clients={self.fed.min_clients}"
         return FedDATError(
             f"round {self.round_idx + 1} failed: {self.usable} of {len(self.names)} clients gave a usable result "
             f"after {self.attempts} attempt(s), {rule}. " + "; ".join(why) + ". The rounds before are kept in the "
@@ -151,7 +169,7 @@ class RoundCollector:
             raise self.failure()
         if not self.shares:
             return self.reference
-        new, self.info = aggregate(self.cfg, self.accepted, self.sizes, self.reference, self.round_idx)
+        new, self.info = aggregate(self.rules, self.accepted, self.sizes, self.reference, self.round_idx)
         return new
 
     def bytes_sent(self) -> dict[str, int]:

@@ -27,7 +27,7 @@ from feddat.federation.flower.records import (ARRAYS, CLIENT, CONFIG, METRICS, M
 from feddat.federation.flower.secagg import RESUMED_KEY, ROUND_KEY, RUN_CONFIG_KEY, new_global, secure_round
 from feddat.federation.rounds import reported_views
 from feddat.federation.sampling import sample_clients
-from feddat.federation.server import RoundCollector
+from feddat.federation.server import RoundCollector, ServerRules
 from feddat.federation.worker import State
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class FedDATStrategy(Strategy):
         server_round += self.offset
         secure = self.cfg.secure_aggregation
         asked = self.names if secure else self._sampled
-        collector = RoundCollector(self.cfg, asked, self.method.shared is not None and not secure,
+        collector = RoundCollector(ServerRules.of(self.cfg), asked, self.method.shared is not None and not secure,
                                    self.global_state, server_round - 1)
         if secure:
             new = self._secure_round(collector, server_round)
