@@ -321,7 +321,8 @@ def cmd_compare(args) -> int:
 
     base = _comparison_base(args, "compare")
     methods, seeds, out = resolve_methods(args.methods), parse_seeds(args.seeds), Path(args.out)
-    print(f"comparing {len(methods)} methods over seeds {args.seeds} on {base.benchmark} in {out}")
+    data = base.clients_dir or ("your client folders" if base.client_data else base.benchmark)
+    print(f"comparing {len(methods)} methods over seeds {args.seeds} on {data} in {out}")
     run_comparison(base, methods, seeds, out, progress=not args.quiet, jobs=args.jobs)
     print("\n" + (out / "table.md").read_text())
     print(f"wrote {out / 'table.md'}, {out / 'table.json'} and {out / 'compare.png'}")
