@@ -13,6 +13,7 @@ channel, questions and answers in UTF-8), sent once.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def raw_data_bytes(client: ClientData) -> int:
     gave, the answers with a soft score above 0)."""
     split = client.train
     used = split.image_index if split.image_index2 is None else torch.cat([split.image_index, split.image_index2])
-    pixels = int(split.pixels[used.unique()].numel())
+    # counted from the shape, not by indexing: a client folder's split decodes its images lazily (data/lazy.py)
+    pixels = int(used.unique().numel()) * math.prod(split.pixels.shape[1:])
     text = sum(len(q.encode()) for q in split.questions)
     text += sum(len(c.encode()) for cands in split.candidates or () for c in cands)
     if split.labels.is_floating_point():  # (n, answers) soft scores
