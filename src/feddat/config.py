@@ -140,34 +140,37 @@ class DataConfig:
             if given:
                 raise FedDATError("your own client folders (clients-dir, client) cannot go with " + "; ".join(given))
             parse_columns(self.columns)
-        total = len(self.all_client_names())
+        total = len(all_client_names(self))
         check(is_count(self.clients) and 0 <= self.clients <= total, "clients",
               f"an integer from 1 to the benchmark's {total} clients (0 = all)", self.clients)
 
     @property
     def own_data(self) -> bool:
-        """Whether the clients are the user's own folders rather than a benchmark's."""
-        return bool(self.clients_dir or self.client_data)
-
-    def client_folders(self) -> list[tuple[str, Path]]:
-        """(name, folder) of every own-data client, in client order (folder names sorted, or as given)."""
-        if self.clients_dir:
-            return client_dirs(self.clients_dir)
-        return check_unique_names(p for p in self.client_data.split(",") if p.strip())
-
-    def all_client_names(self) -> list[str]:
-        if self.own_data:
-            return [name for name, _ in self.client_folders()]
-        return benchmark_client_names(self.benchmark, self.partition, self.num_clients, self.data_dir)
+        return uses_own_data(self)
 
 
-def benchmark_client_names(benchmark: str, partition: str, num_clients: int, data_dir: str | None) -> list[str]:
-    """Every client of a benchmark (its own, or those of a partition of its pooled records), in client order."""
-    if partition == "natural" and data_dir:
-        return [c.name for _, c in real_clients(benchmark)]
-    if partition == "natural":
-        return [c.name for c in BENCHMARKS[benchmark]()]
-    return partition_client_names(num_clients)
+# What the data section's fields say about the clients; a DataConfig and a RunConfig both have those fields.
+def uses_own_data(d) -> bool:
+    """Whether the clients are the user's own folders (clients-dir or client) rather than a benchmark's."""
+    return bool(d.clients_dir or d.client_data)
+
+
+def client_folders(d) -> list[tuple[str, Path]]:
+    """(name, folder) of every own-data client, in client order (folder names sorted, or as given)."""
+    if d.clients_dir:
+        return client_dirs(d.clients_dir)
+    return check_unique_names(p for p in d.client_data.split(",") if p.strip())
+
+
+def all_client_names(d) -> list[str]:
+    """Every client: the own folders', or a benchmark's (its own, or a partition's of its pooled records)."""
+    if uses_own_data(d):
+        return [name for name, _ in client_folders(d)]
+    if d.partition == "natural" and d.data_dir:
+        return [c.name for _, c in real_clients(d.benchmark)]
+    if d.partition == "natural":
+        return [c.name for c in BENCHMARKS[d.benchmark]()]
+    return partition_client_names(d.num_clients)
 
 
 @dataclass(frozen=True)
@@ -415,7 +418,11 @@ class _RunConfig:
 
     def client_names(self) -> list[str]:
         """The names of the clients this run federates (a partitioned benchmark's too), in client order."""
-        return self.section("data").all_client_names()[:self.clients or None]
+        return all_client_names(self)[:self.clients or None]
+
+    def client_folders(self) -> list[tuple[str, Path]]:
+        """(name, folder) of every own-data client, in client order."""
+        return client_folders(self)
 
     def round_size(self) -> int:
         """How many clients train in each round (`clients_per_round` resolved against the client count)."""
@@ -423,8 +430,7 @@ class _RunConfig:
 
     @property
     def own_data(self) -> bool:
-        """Whether the clients are the user's own folders (clients-dir or client) rather than a benchmark's."""
-        return bool(self.clients_dir or self.client_data)
+        return uses_own_data(self)
 
     @property
     def samples_clients(self) -> bool:

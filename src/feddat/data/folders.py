@@ -965,15 +965,22 @@ def client_dirs(root) -> list[tuple[str, Path]]:
 def load_clients_dir(root, tokenizer, text_len: int, image_size: int, seed: int,
                      columns: dict[str, str] | None = None, skip_bad: bool = False, **kwargs) -> list[FolderClient]:
     """Every sub-folder of `root` as a client named by the folder (sorted by name); `load_client_folder` options."""
-    return [load_client_folder(path, tokenizer, text_len, image_size, seed, columns, skip_bad, name=name, **kwargs)
-            for name, path in client_dirs(root)]
+    return load_named_folders(client_dirs(root), tokenizer, text_len, image_size, seed, columns, skip_bad, **kwargs)
 
 
 def load_clients(pairs: Iterable[str], tokenizer, text_len: int, image_size: int, seed: int,
                  columns: dict[str, str] | None = None, skip_bad: bool = False, **kwargs) -> list[FolderClient]:
     """Clients given as NAME=PATH pairs (`check_unique_names`), in the order given."""
+    return load_named_folders(check_unique_names(pairs), tokenizer, text_len, image_size, seed, columns, skip_bad,
+                              **kwargs)
+
+
+def load_named_folders(folders: Iterable[tuple[str, Path]], tokenizer, text_len: int, image_size: int, seed: int,
+                       columns: dict[str, str] | None = None, skip_bad: bool = False,
+                       **kwargs) -> list[FolderClient]:
+    """Clients given as (name, folder), names already checked (`client_dirs`, `check_unique_names`)."""
     return [load_client_folder(path, tokenizer, text_len, image_size, seed, columns, skip_bad, name=name, **kwargs)
-            for name, path in check_unique_names(pairs)]
+            for name, path in folders]
 
 
 # --- writing ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from feddat.algorithms.registry import get_method
 from feddat.config import RunConfig
 from feddat.data.benchmarks import RealData, load_benchmark
-from feddat.data.folders import load_clients, parse_columns
+from feddat.data.folders import load_named_folders, parse_columns
 from feddat.errors import FedDATError
 from feddat.eval.results import History
 from feddat.eval.tracking import open_tracker
@@ -42,10 +42,9 @@ def build(cfg: RunConfig) -> Setup:
     text_len = backbone.config.max_position_embeddings
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if cfg.own_data:  # the user's client folders (feddat.data.folders), read lazily
-        clients = load_clients([f"{name}={path}" for name, path in cfg.section("data").client_folders()],
-                               tokenizer, text_len, int(backbone.config.image_size), cfg.seed,
-                               parse_columns(cfg.columns), cfg.skip_bad_records,
-                               cache_dir=cache / "datasets")[:len(cfg.client_names())]
+        clients = load_named_folders(cfg.client_folders()[:len(cfg.client_names())], tokenizer, text_len,
+                                     int(backbone.config.image_size), cfg.seed, parse_columns(cfg.columns),
+                                     cfg.skip_bad_records, cache_dir=cache / "datasets")
     else:
         clients = load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer, text_len, cache,
                                  partition=cfg.partition_spec, real=real_data(cfg, backbone))[:len(cfg.client_names())]
