@@ -168,23 +168,31 @@ def test_deployment_with_tls_and_authentication(tiny_config, tmp_path):
 
 @pytest.mark.integration
 def test_deployment_with_secure_aggregation(tiny_config, tmp_path):
-    """SecAgg+ in the deployment (TLS and authentication on), 3 clients, one round: the server records who took
-    part but no update norms (it never sees an update), and the global adapter it unmasks equals the plain
-    weighted mean of the in-process engine to SecAgg+'s quantisation."""
+    """SecAgg+ in a deployment whose SuperNodes bring their own client folders (TLS and authentication on), 3
+    clients, one round: the server records who took part but no update norms (it never sees an update), and the
+    global adapter it unmasks equals the plain weighted mean of the in-process engine on the same folders to
+    SecAgg+'s quantisation."""
+    from feddat.cli import main
     from feddat.federation.checkpoint import load_checkpoint
     from feddat.federation.deploy.deployment import Deployment
     from feddat.federation.inprocess import run
 
     t0 = time.time()
-    ref = run(tiny_config(clients=3, rounds=1), out_dir=tmp_path / "ref", progress=False)
-    cfg = tiny_config(clients=3, rounds=1, secure_aggregation=True)
-    with Deployment(tmp_path / "deploy", 3, echo=None) as d:
+    export = tmp_path / "export"
+    assert main(["data", "--benchmark", "domain", "--export", str(export), "--cache-dir", str(tmp_path / "gen"),
+                 "--train-per-client", "32", "--val-per-client", "8", "--test-per-client", "32"]) == 0
+    names = ["clipart", "night", "textured"]
+    folders = [export / n for n in names]
+    ref = run(tiny_config(client_data=",".join(f"{n}={f}" for n, f in zip(names, folders)), rounds=1),
+              out_dir=tmp_path / "ref", progress=False)
+    cfg = tiny_config(nodes=3, rounds=1, secure_aggregation=True)
+    with Deployment(tmp_path / "deploy", client_data=folders, echo=None) as d:
         got = d.run(_run_config(cfg), timeout=1200)
     _no_process_left(d)
 
     assert _same_config(got, cfg)
     (g,), (r,) = got["rounds"], ref["rounds"]
-    assert g["secure_aggregation"] == {"protocol": "SecAgg+", "clients": ["clipart", "night", "textured"]}
+    assert g["secure_aggregation"] == {"protocol": "SecAgg+", "clients": names}
     assert "missing_clients" not in g and "update_norms" not in g
     for client in r["train"]:
         assert close(g["train"][client], r["train"][client], TOL), client
@@ -194,7 +202,7 @@ def test_deployment_with_secure_aggregation(tiny_config, tmp_path):
         assert secure[key].dtype == plain[key].dtype and secure[key].shape == plain[key].shape
         assert (secure[key].double() - plain[key].double()).abs().max() <= SECURE_TOL, key
     assert not all(torch.equal(secure[k], plain[k]) for k in plain)  # it went through SecAgg+'s quantisation
-    assert set(got["final"]["clients"]) == {"clipart", "textured", "night"}
+    assert set(got["final"]["clients"]) == set(names)
     print(f"deployment with SecAgg+: {time.time() - t0:.0f} s")
 
 

@@ -1,6 +1,7 @@
 """Training on the user's own client folders (feddat.data.folders) from the command line: run, eval, predict."""
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -66,3 +67,26 @@ def test_bad_own_data_options_stop_with_one_line(folders, tmp_path, flags, messa
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "bad").exists()
+
+
+def test_describe_client_folders(folders, tmp_path, capsys):
+    """`feddat data --clients-dir` writes the sheets and statistics a benchmark gets, read as a run reads them."""
+    from PIL import Image
+
+    out = tmp_path / "report"
+    assert main(["data", "--clients-dir", str(folders), "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert list(stats["clients"]) == ["blurry", "clipart", "night", "sketch", "textured"]
+    for name, c in stats["clients"].items():
+        assert c["sizes"] == {"train": 32, "val": 8, "test": 32} and c["task"] == "vqa"
+        assert sum(c["answers"].values()) == sum(c["qtypes"].values()) == 72
+        rows = [json.loads(x) for x in (folders / name / "test" / "metadata.jsonl").read_text().splitlines()]
+        assert Counter(r["qtype"] for r in rows) <= Counter(c["qtypes"])  # the folder's own question types
+        assert Image.open(out / f"samples_{name}.png").size[0] > 100
+    assert "| clipart | 32 | 8 | 32 |" in capsys.readouterr().out
+    assert main(["data", "--client", f"a={folders / 'night'}", "--out", str(tmp_path / "one"), "--cache-dir",
+                 str(tmp_path / "c")]) == 0
+    assert list(json.loads((tmp_path / "one" / "stats.json").read_text())["clients"]) == ["a"]
+    capsys.readouterr()
+    assert main(["data", "--clients-dir", str(folders)]) == 2
+    assert "needs --out DIR" in capsys.readouterr().err

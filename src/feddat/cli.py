@@ -367,8 +367,10 @@ def cmd_data(args) -> int:
     from feddat.data.report import stats_table, write_report
     from feddat.federation.inprocess import default_cache_dir
 
-    sizes = resolve_sizes(args.benchmark, args.train_per_client, args.val_per_client, args.test_per_client)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    if args.clients_dir or args.client:
+        return _describe_folders(args, cache)
+    sizes = resolve_sizes(args.benchmark, args.train_per_client, args.val_per_client, args.test_per_client)
     if args.export:
         return _export(args, sizes, cache)
     if not args.out:
@@ -387,6 +389,36 @@ def cmd_data(args) -> int:
     print(stats_table(stats))
     print(f"\nwrote {Path(args.out) / 'stats.json'} and samples_<client>.png for {len(stats['clients'])} clients"
           + (f", and {len(written)} files under {Path(args.out) / 'records'}" if written else ""))
+    return 0
+
+
+def _describe_folders(args, cache: Path) -> int:
+    """`feddat data --clients-dir DIR` (or --client NAME=PATH ...): your client folders' sample sheets and
+    statistics, as for a benchmark, read as a run reads them (the same checks, the same split by seed)."""
+    from feddat.config import all_client_names, client_folders
+    from feddat.data.folders import load_named_folders, parse_columns
+    from feddat.data.report import stats_table, write_folder_report
+    from feddat.models.backbone import load_backbone
+
+    if not args.out:
+        raise FedDATError("feddat data --clients-dir/--client needs --out DIR")
+    if args.export or args.data_dir:
+        raise FedDATError("describing your own folders cannot go with --export or --data-dir")
+    if args.clients_dir and args.client:
+        raise FedDATError("give the client folders as one folder of folders (--clients-dir) or one by one "
+                          "(--client), not both")
+    own = argparse.Namespace(clients_dir=args.clients_dir, client_data=",".join(args.client), nodes=0)
+    folders = client_folders(own)
+    if not folders:
+        raise FedDATError(f"{args.clients_dir} holds no client folder")
+    _, tokenizer = load_backbone(None)
+    with _log_to_stderr():
+        clients = load_named_folders(folders, tokenizer, 8, 48, args.seed, parse_columns(args.columns),
+                                     args.skip_bad_records, cache_dir=cache / "datasets")
+        stats = write_folder_report(clients, Path(args.out), args.clients_dir or ", ".join(args.client))
+    print(f"{len(clients)} client folders: {', '.join(all_client_names(own))}, seed {args.seed}\n")
+    print(stats_table(stats))
+    print(f"\nwrote {Path(args.out) / 'stats.json'} and samples_<client>.png for {len(clients)} clients")
     return 0
 
 
@@ -427,6 +459,9 @@ def _add_deploy_options(p: argparse.ArgumentParser) -> None:
                    "run's out/ (results.json, clients/, checkpoint/)")
     p.add_argument("--clients", type=int, default=3, help="SuperNodes to start, one per client: the benchmark's "
                    "first N clients (default: 3)")
+    p.add_argument("--client-data", nargs="+", metavar="PATH", default=[], help="client folders, one SuperNode "
+                   "each: every node opens only its own folder and keeps its model under WORKDIR/nodes/<i>/out; the "
+                   "server holds no data (docs/own-data.md)")
     p.add_argument("--run-config", default="", help="run-config values as for flwr run, e.g. \"rounds=2 "
                    "model-path='/path/to/backbone' secure-aggregation=true\" (keys: [tool.flwr.app.config])")
     p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
@@ -451,16 +486,20 @@ def cmd_deploy(args) -> int:
 
     if args.clients < 1:
         raise FedDATError(f"--clients must be a positive integer, got {args.clients}")
+    clients = len(args.client_data) if args.client_data else args.clients
     if args.timeout <= 0:
         raise FedDATError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     run_config = parse_run_config(args.run_config)
-    for key in ("clients", "out-dir"):
+    for key in ("clients", "nodes", "out-dir"):
         if key in run_config:
-            raise FedDATError(f"--run-config may not set {key}: feddat deploy sets it (use --clients / --workdir)")
-    deployment = Deployment(Path(args.workdir), args.clients, tls=not args.insecure,
+            raise FedDATError(f"--run-config may not set {key}: feddat deploy sets it (use --clients, --client-data "
+                              "or --workdir)")
+    deployment = Deployment(Path(args.workdir), clients, tls=not args.insecure,
                             auth=not (args.insecure or args.no_auth), node_config=parse_run_config(args.node_config),
-                            app_dir=Path(args.app) if args.app else None)
-    check_run_config(deployment.app_dir, {"clients": args.clients, **run_config})
+                            app_dir=Path(args.app) if args.app else None,
+                            client_data=[Path(p) for p in args.client_data])
+    size = {"nodes": clients} if args.client_data else {"clients": clients}
+    check_run_config(deployment.app_dir, {**size, **run_config})
     previous = signal.signal(signal.SIGTERM, _sigterm_to_exit)
     try:
         with deployment:
@@ -571,6 +610,12 @@ def parser() -> argparse.ArgumentParser:
                       "stopping at the first")
     data.add_argument("--image-size", dest="image_size", type=int, default=48,
                       help="with --data-dir: the side images are resized to (default: 48)")
+    data.add_argument("--clients-dir", dest="clients_dir", help="describe your own client folders instead: every "
+                      "sub-folder of this folder is a client (docs/own-data.md)")
+    data.add_argument("--client", action="append", metavar="NAME=PATH", default=[], help="describe this client "
+                      "folder (repeatable) instead of a benchmark")
+    data.add_argument("--columns", default="", help="with your own folders: how their columns map to ours, e.g. "
+                      "image=img,question=q,answer=label")
     data.set_defaults(func=cmd_data)
 
     cmp = sub.add_parser("compare", help="run several methods over several seeds and tabulate them (mean ± std "

@@ -100,6 +100,9 @@ class DataConfig:
                                    "(the command line's repeatable --client NAME=PATH)")
     columns: str = setting("", "with your own data: how its columns map to ours, e.g. image=img,question=q,"
                                "answer=label")
+    nodes: int = setting(0, "a deployment where every SuperNode brings its own client folder (node config "
+                            "data=PATH): the server waits for this many and holds no data; 0 = clients from the "
+                            "benchmark or the folders above")
 
     def __post_init__(self) -> None:
         if self.benchmark not in BENCHMARKS:
@@ -140,6 +143,15 @@ class DataConfig:
             if given:
                 raise FedDATError("your own client folders (clients-dir, client) cannot go with " + "; ".join(given))
             parse_columns(self.columns)
+        check(is_count(self.nodes) and self.nodes >= 0, "nodes", "a non-negative integer (0 = off)", self.nodes)
+        if self.nodes:
+            given = [what for what, on in (("data-dir", self.data_dir), ("partition " + self.partition,
+                                                                        self.partition != "natural"),
+                                           ("clients", self.clients), ("clients-dir", self.clients_dir)) if on]
+            if given:
+                raise FedDATError("with nodes (each SuperNode brings its own data) the server names no data: drop "
+                                  + ", ".join(given))
+            return
         total = len(all_client_names(self))
         check(is_count(self.clients) and 0 <= self.clients <= total, "clients",
               f"an integer from 1 to the benchmark's {total} clients (0 = all)", self.clients)
@@ -163,9 +175,12 @@ def client_folders(d) -> list[tuple[str, Path]]:
 
 
 def all_client_names(d) -> list[str]:
-    """Every client: the own folders', or a benchmark's (its own, or a partition's of its pooled records)."""
+    """Every client: the own folders', or a benchmark's (its own, or a partition's of its pooled records). With
+    `nodes` the server knows no client before the SuperNodes report: [] (a node knows its own one: client-data)."""
     if uses_own_data(d):
         return [name for name, _ in client_folders(d)]
+    if d.nodes:
+        return []
     if d.partition == "natural" and d.data_dir:
         return [c.name for _, c in real_clients(d.benchmark)]
     if d.partition == "natural":
@@ -338,6 +353,7 @@ class _RunConfig:
         for name in METHODS:   # and every method's settings, whichever method runs
             method_config(name, self.to_dict())
         self._validate_pooled()
+        self._validate_nodes()
         self._validate_server()
         return self
 
@@ -365,13 +381,18 @@ class _RunConfig:
             raise FedDATError(f"method {self.method} pools every client's raw data (a centralised reference, not "
                               "federated) and cannot go with " + "; ".join(conflicts))
 
+    def _validate_nodes(self) -> None:
+        """Clients that bring their own data to their SuperNodes exist only in a deployment."""
+        if self.nodes and self.own_data and len(self.client_names()) != 1:
+            raise FedDATError("with nodes, a SuperNode serves one client folder (node config data=PATH)")
+
     def _validate_server(self) -> None:
         """What the round needs of the clients: counts against the federation's size, faults by client name."""
-        names = self.client_names()
+        names = None if self.nodes else self.client_names()  # with nodes: known when the SuperNodes report
         k = self.clients_per_round
-        if isinstance(k, int) and not 0 <= k <= len(names):
-            raise FedDATError(f"clients-per-round must be a count from 1 to the run's {len(names)} clients (0 = all), "
-                              f"got {k}")
+        if isinstance(k, int) and not 0 <= k <= self.n_clients:
+            raise FedDATError(f"clients-per-round must be a count from 1 to the run's {self.n_clients} clients "
+                              f"(0 = all), got {k}")
         if k and self.secure_aggregation:
             raise FedDATError("secure-aggregation cannot go with clients-per-round: its SecAgg+ rounds take every "
                               "client")
@@ -424,9 +445,14 @@ class _RunConfig:
         """(name, folder) of every own-data client, in client order."""
         return client_folders(self)
 
+    @property
+    def n_clients(self) -> int:
+        """The federation's size: the SuperNodes with their own data (`nodes`), else the clients named here."""
+        return self.nodes or len(self.client_names())
+
     def round_size(self) -> int:
         """How many clients train in each round (`clients_per_round` resolved against the client count)."""
-        return round_size(len(self.client_names()), self.clients_per_round)
+        return round_size(self.n_clients, self.clients_per_round)
 
     @property
     def own_data(self) -> bool:
@@ -447,7 +473,7 @@ class _RunConfig:
     @property
     def max_train_examples(self) -> int:
         """The most training examples one client can hold: the server caps a claimed FedAvg weight at it."""
-        if self.own_data:  # the clients' own counts: the server learns them from the data, not from the config
+        if self.own_data or self.nodes:  # the clients' own counts: the server learns them from the clients
             return sys.maxsize
         if self.partition == "natural":
             return self.train_per_client

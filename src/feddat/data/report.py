@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from feddat.data.benchmarks import client_records, label_space
@@ -46,15 +47,17 @@ def _mean_off_diagonal(matrix: dict[str, dict[str, float]]) -> float:
     return round(float(np.mean(values)), 4) if values else 0.0
 
 
-def benchmark_stats(records: dict[str, dict[str, Records]]) -> dict:
-    """Per client: split sizes, answer and question-type counts (all splits); pairwise JS divergences."""
+def benchmark_stats(records: dict[str, dict[str, Records]],
+                    images: dict[str, dict[str, int]] | None = None) -> dict:
+    """Per client: split sizes, answer and question-type counts (all splits); pairwise JS divergences.
+    `images`: the distinct images per client and split, where the records hold only some of them."""
     clients = {}
     for name, splits in records.items():
         answers = Counter(a for r in splits.values() for a in r.answers)
         qtypes = Counter(q for r in splits.values() for q in r.qtypes)
         clients[name] = {
             "sizes": {s: len(r) for s, r in splits.items()},
-            "images": {s: int(len(r.images)) for s, r in splits.items()},
+            "images": images[name] if images else {s: int(len(r.images)) for s, r in splits.items()},
             "answers": dict(sorted(answers.items())),
             "qtypes": dict(sorted(qtypes.items())),
             "label_space": len(label_space(splits["train"].task, splits["train"])),
@@ -166,5 +169,63 @@ def write_report(benchmark: str, out_dir: Path, seed: int = 0, sizes: Sizes = Si
         sample_sheet(splits["test"]).save(out_dir / f"samples_{name}.png", optimize=True)
     benchmark_sheet(records).save(out_dir / "samples.png", optimize=True)
     stats = {"benchmark": benchmark, "seed": seed, **benchmark_stats(records)}
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+    return stats
+
+
+# ----- client folders (feddat.data.folders) -----
+UNSEEN = "(not a training answer)"
+
+
+def split_records(split, answers: list[str], task: str, with_images: int = 0) -> Records:
+    """A loaded split (a client folder's lazy one, or in memory) as Records for the stats and sheets: every
+    item's question, answer (from its label) and type; the images of its first `with_images` items only
+    (decoded now), so a large folder is not decoded to describe it."""
+    labels = split.labels
+    if labels.dim() == 2:  # VQA soft scores: the best-scored answer (-1: none of the training answers)
+        labels = torch.where(labels.max(dim=1).values > 0, labels.argmax(dim=1), -1)
+    labels = labels.tolist()
+    if task == "choice":
+        said = [split.candidates[k][i] for k, i in enumerate(labels)]
+    else:
+        said = [answers[i] if i >= 0 else UNSEEN for i in labels]
+    n = min(with_images, len(labels))
+    firsts = split.image_index[:n].tolist()
+    seconds = split.image_index2[:n].tolist() if split.image_index2 is not None else []
+    used = sorted(set(firsts + seconds))
+    if used:
+        table = getattr(split, "images", None)
+        images = table.load(used) if table is not None else \
+            (split.pixels[used].permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    else:
+        images = np.zeros((0, 48, 48, 3), np.uint8)
+    where = {img: i for i, img in enumerate(used)}
+    index = np.array([where[i] for i in firsts], dtype=np.int64)
+    return Records(images=np.asarray(images), patch_colors=np.zeros((len(used), 0), np.int64),
+                   patch_shapes=np.zeros((len(used), 0), np.int64), image_index=index,
+                   questions=list(split.questions[:n]) + list(split.questions[n:]), answers=said,
+                   qtypes=[str(q) for q in split.qtypes], shifted=[], synonym=[], task=task,
+                   image_index2=np.array([where[i] for i in seconds], dtype=np.int64) if seconds else None,
+                   candidates=list(split.candidates) if split.candidates is not None else None)
+
+
+def write_folder_report(clients, out_dir: Path, where: str) -> dict:
+    """DIR/samples_<client>.png, DIR/samples.png and DIR/stats.json for loaded client folders
+    (feddat.data.folders.FolderClient), as `write_report` writes them for a benchmark; returns the stats."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, images = {}, {}
+    for c in clients:
+        splits = {"train": c.train, "val": c.val, "test": c.test}
+        records[c.name] = {s: split_records(sp, c.answers, c.task, SAMPLES if s == "test" else 0)
+                           for s, sp in splits.items()}
+        images[c.name] = {s: int(len(sp.pixels)) for s, sp in splits.items()}
+        sample_sheet(records[c.name]["test"]).save(out_dir / f"samples_{c.name}.png", optimize=True)
+    benchmark_sheet(records).save(out_dir / "samples.png", optimize=True)
+    stats = {"clients_dir": where, **benchmark_stats(records, images)}
+    for c in clients:
+        stats["clients"][c.name]["label_space"] = len(c.answers)
+        if getattr(c, "report", None) is not None:
+            stats["clients"][c.name]["loaded"] = c.report.summary()
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     return stats

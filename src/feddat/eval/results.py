@@ -17,15 +17,18 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / n)
 
 
-def item_se(per_item: list[list[float]]) -> float:
-    """Standard error of the mean-over-clients score from the test items (binomial/sample variance per client)."""
-    k = len(per_item)
-    var = 0.0
-    for s in per_item:
-        n = len(s)
-        m = sum(s) / n
-        var += sum((x - m) ** 2 for x in s) / max(n - 1, 1) / n
-    return math.sqrt(var) / k
+def item_var(scores: list[float]) -> float:
+    """One client's part of the mean score's variance: the sample variance of its test items' scores over their
+    number (what a client reports instead of its per-item scores, `item_se`)."""
+    n = len(scores)
+    m = sum(scores) / n
+    return sum((x - m) ** 2 for x in scores) / max(n - 1, 1) / n
+
+
+def item_se(item_vars: list[float]) -> float:
+    """Standard error of the mean-over-clients score from the clients' `item_var`s (binomial/sample variance per
+    client)."""
+    return math.sqrt(sum(item_vars)) / len(item_vars)
 
 
 class History:
@@ -63,16 +66,17 @@ class History:
         for listener in self.listeners:
             listener.on_round(entry)
 
-    def finish(self, clients: dict[str, float], per_item: dict[str, list[float]], views: dict[str, dict[str, float]],
+    def finish(self, clients: dict[str, float], item_vars: dict[str, float], views: dict[str, dict[str, float]],
                wall_seconds: float, breakdown: dict[str, dict[str, float]] | None = None,
                val: dict[str, float] | None = None) -> None:
-        """The final scores on the test splits; `val` (the predicting view's per-client scores on the
-        validation splits, what hyperparameter search selects on) adds `val_clients` and `val_avg_score`."""
+        """The final scores on the test splits (`item_vars`: each client's `item_var`, for the standard error);
+        `val` (the predicting view's per-client scores on the validation splits, what hyperparameter search
+        selects on) adds `val_clients` and `val_avg_score`."""
         avg = sum(clients.values()) / len(clients)
         self.data["final"] = {
             "clients": clients,
             "avg_score": avg,
-            "avg_score_se": item_se(list(per_item.values())),
+            "avg_score_se": item_se(list(item_vars.values())),
             "views": {v: {"clients": s, "avg_score": sum(s.values()) / len(s)} for v, s in views.items()},
             "breakdown": breakdown or {},
         }

@@ -31,7 +31,8 @@ from feddat.errors import FedDATError
 State = dict[str, torch.Tensor]
 
 STATES_IN_MEMORY_UP_TO = 32     # more clients than this: their private states go to disk
-NODE_LOCAL = ("model_path", "cache_dir", "device", "threads", "client_state_dir", "data_dir")
+NODE_LOCAL = ("model_path", "cache_dir", "device", "threads", "client_state_dir", "data_dir", "columns",
+              "skip_bad_records")
 KEEP_ROUNDS = 3   # Flower: rounds of a client's state kept on disk (enough to resume after a damaged checkpoint)
 
 

@@ -22,7 +22,7 @@ from feddat.federation.checkpoint import Checkpoint, save_checkpoint
 from feddat.federation.client_state import open_states
 from feddat.federation.faults import check_crash, corrupt, delay
 from feddat.federation.pooled import run_pooled
-from feddat.federation.rounds import Setup, evaluate_round, finish_run, restore
+from feddat.federation.rounds import NODES_NEED_SUPERNODES, Setup, evaluate_round, finish_run, restore
 from feddat.federation.sampling import sample_clients
 from feddat.federation.server import RoundCollector, ServerRules, privacy_report
 from feddat.federation.worker import State, Worker
@@ -64,6 +64,8 @@ def run(cfg: RunConfig, out_dir: Path | None = None, progress: bool = True,
     """Train and score every client. With out_dir: results.json, the saved client models (clients/), a
     checkpoint after every round (checkpoint/) and the tracker's logs go there. With `resume` (a checkpoint
     of a run of this config, `feddat.federation.checkpoint.load_checkpoint`): go on after its last round."""
+    if cfg.nodes:
+        raise FedDATError(NODES_NEED_SUPERNODES)
     if cfg.secure_aggregation:
         raise FedDATError("secure-aggregation needs the Flower engine (feddat run --engine flower, flwr run or "
                           "feddat deploy): in one process there is nothing to hide the updates from")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,15 @@ import torch
 
 from feddat.config import RunConfig
 from feddat.data.benchmarks import ClientData
-from feddat.eval.results import History
+from feddat.eval.results import History, item_var
 from feddat.federation.checkpoint import Checkpoint, check_fits
 from feddat.federation.export import FORMAT, backbone_record, write_client
 from feddat.federation.worker import State, Worker
+
+
+NODES_NEED_SUPERNODES = ("nodes (each SuperNode brings its own data) needs SuperNodes of their own: feddat deploy "
+                         "--client-data, or flower-supernode --node-config 'data=PATH' on each party's machine; to "
+                         "simulate on your folders in one process, use --clients-dir or --client")
 
 
 @dataclass
@@ -29,6 +34,7 @@ class Setup:
     cfg: RunConfig
     clients: list[ClientData]
     worker: Worker
+    started: float = field(default_factory=time.time)  # when it was built (a node's own report's wall time)
 
 
 def evaluate_client(setup: Setup, client: ClientData, state: State, global_state: State | None, views=None,
@@ -71,10 +77,18 @@ def finish_history(history: History, method, evals: dict[str, dict], wall: float
         val={c: e[main]["score"] for c, e in val_evals.items()} if val_evals else None,
         breakdown={c: e[main].get("breakdown", {}) for c, e in evals.items()},
         clients={c: e[main]["score"] for c, e in evals.items()},
-        per_item={c: e[main]["scores"].tolist() for c, e in evals.items()},
+        item_vars={c: client_item_var(e[main]) for c, e in evals.items()},
         views={v: {c: e[v]["score"] for c, e in evals.items()} for v in views},
         wall_seconds=wall,
     )
+
+
+def client_item_var(evaluation: dict) -> float:
+    """A client's `item_var` from its evaluation of one view: its per-item scores, or (a client that keeps them
+    to itself) the `item_var` it reported."""
+    if "scores" in evaluation:
+        return item_var(evaluation["scores"].tolist())
+    return float(evaluation["item_var"])
 
 
 def final_report(setup: Setup, history: History, states, global_state, wall: float,

@@ -8,8 +8,8 @@
 2. starts `flower-superlink` with TLS and SuperNode authentication (`--enable-supernode-auth`);
 3. registers every SuperNode's public key with `flwr supernode register`;
 4. starts one `flower-supernode` per client, each with its own node config (`nodes/<i>/node-config.toml`:
-   `client-id = i`, its own `client-state-dir` and benchmark `cache-dir`, as on a machine of its own), its
-   private key and the CA certificate;
+   `client-id = i`, or with client folders `data = <its folder>` and `out = nodes/<i>/out`; its own
+   `client-state-dir` and `cache-dir`, as on a machine of its own), its private key and the CA certificate;
 5. runs FedDAT with `flwr run <app> deployment --run-config <toml> --stream`, showing the streamed log;
 6. stops every process it started (and the processes those started), also on Ctrl-C, SIGTERM, an error or a
    timeout; with Linux, they also get SIGTERM if the process driving the deployment dies.
@@ -22,9 +22,9 @@ Layout of the work directory:
     tls/        ca.pem, ca.key, superlink.pem, superlink.key
     keys/       supernode-<i>, supernode-<i>.pub
     flwr-home/  config.toml (the `deployment` SuperLink connection of flwr run / flwr supernode), apps/
-    nodes/<i>/  node-config.toml, client-state/, cache/
+    nodes/<i>/  node-config.toml, client-state/, cache/, out/ (with client folders: the node's model and scores)
     logs/       superlink.log, supernode-<i>.log, flwr.log (registrations), run.log
-    out/        results.json, clients/, checkpoint/ (written by the ServerApp)
+    out/        results.json, clients/ (not with client folders), checkpoint/, received.jsonl (the ServerApp's)
 """
 
 from __future__ import annotations
@@ -77,14 +77,18 @@ class Deployment:
     tls: the SuperLink serves TLS with a certificate of a CA made here; SuperNodes and flwr trust that CA.
     auth: SuperNode authentication (needs tls): only SuperNodes whose public key was registered connect.
     node_config: extra node-config values for every SuperNode (e.g. device, threads, model-path).
+    client_data: one client folder per SuperNode (then `clients` is their number): each node opens only its own
+        (node config `data`, named by the folder, saving its model under `nodes/<i>/out/`), and the run sets
+        `nodes` so that the server holds no data; empty: the nodes serve the run config's clients by index.
     echo: where progress lines and the streamed run log go (None: only to the log files).
     """
 
     workdir: Path
-    clients: int
+    clients: int = 0
     tls: bool = True
     auth: bool = True
     node_config: dict[str, Any] = field(default_factory=dict)
+    client_data: list[Path] = field(default_factory=list)
     app_dir: Path | None = None
     echo: Callable[[str], None] | None = print
     processes: list[Process] = field(default_factory=list, init=False)
@@ -93,6 +97,18 @@ class Deployment:
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()
+        if self.client_data:
+            self.client_data = [Path(p).expanduser().resolve() for p in self.client_data]
+            missing = [str(p) for p in self.client_data if not p.exists()]
+            if missing:
+                raise FedDATError(f"no such client folder: {', '.join(missing)}")
+            names = [p.name for p in self.client_data]
+            if len(set(names)) != len(names):
+                raise FedDATError(f"two client folders have one name ({', '.join(names)}): each SuperNode's client is "
+                                  "named by its folder")
+            if self.clients not in (0, len(self.client_data)):
+                raise FedDATError(f"{self.clients} clients but {len(self.client_data)} client folders")
+            self.clients = len(self.client_data)
         if not isinstance(self.clients, int) or isinstance(self.clients, bool) or self.clients < 1:
             raise FedDATError(f"a deployment needs a positive number of clients, got {self.clients!r}")
         if self.auth and not self.tls:
@@ -262,8 +278,11 @@ class Deployment:
         registered for it; None: no key), `root_certificates` the CA it trusts (by default the deployment's)."""
         node = self.node_dir(index)
         node.mkdir(parents=True, exist_ok=True)
-        config = {"client-id": index, "client-state-dir": str(node / "client-state"),
-                  "cache-dir": str(node / "cache"), **self.node_config}
+        config = {"client-state-dir": str(node / "client-state"), "cache-dir": str(node / "cache"), **self.node_config}
+        if self.client_data:  # the node's own data, and where it keeps its model
+            config.update(data=str(self.client_data[index]), out=str(node / "out"))
+        else:
+            config["client-id"] = index
         (node / "node-config.toml").write_text(toml_text(config))
         argv = [self._exe("flower-supernode"), "--superlink", self.address, "--host", LOOPBACK,
                 "--port", str(free_port()), "--node-config", str(node / "node-config.toml")]
@@ -285,7 +304,8 @@ class Deployment:
         proc = self.spawn(name, self.supernode_argv(index, key, root_certificates))
         if name == f"supernode-{index}":
             self.nodes[index] = proc
-        self._say(f"SuperNode {index} (client-id={index}), pid {proc.pid}, log {proc.log}")
+        serves = f"data={self.client_data[index]}" if self.client_data else f"client-id={index}"
+        self._say(f"SuperNode {index} ({serves}), pid {proc.pid}, log {proc.log}")
         return proc
 
     def kill_supernode(self, index: int) -> None:
@@ -345,11 +365,13 @@ class Deployment:
                 time.sleep(3.0)
 
     def run(self, run_config: Mapping[str, Any], timeout: float = 3600.0) -> dict:
-        """`flwr run` of FedDAT with `run_config` (run-config keys as in pyproject.toml; `clients` and `out-dir`
-        are set here): streams its log, waits for the run to end and returns results.json."""
+        """`flwr run` of FedDAT with `run_config` (run-config keys as in pyproject.toml; `clients` (or, with
+        client folders, `nodes`) and `out-dir` are set here): streams its log, waits for the run to end and
+        returns results.json."""
         import json
 
-        values = {"clients": self.clients, "out-dir": str(self.out), **dict(run_config)}
+        size = {"nodes": self.clients} if self.client_data else {"clients": self.clients}
+        values = {**size, "out-dir": str(self.out), **dict(run_config)}
         check_run_config(self.app_dir, values)
         config_file = self.workdir / "run-config.toml"
         config_file.write_text(toml_text(values))

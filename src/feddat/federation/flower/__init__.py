@@ -10,7 +10,8 @@ The ML stays where the in-process engine has it: `Worker` trains and scores one 
 and averages updates, `History` records the run. Flower carries the messages (flwr >= 1.41 Message API):
 
 - query     server -> every node, once: the run config. Reply: the node's client index and name, its label
-            space and the starting global adapter (every node computes the same one from the seed).
+            space, its training count (fixed for the run: the FedAvg weight) and the starting global adapter
+            (every node computes the same one from the seed).
 - train     server -> every client, each round: the global adapter ("arrays") and the round ("config":
             server-round, resumed-from, and attempt on a retry).
             Reply: the updated global adapter ("arrays"; empty when the method shares nothing) and
@@ -22,6 +23,15 @@ and averages updates, `History` records the run. Flower carries the messages (fl
             ("client" record, "model-meta": client.json as JSON), which the server writes to
             <out>/clients/<client>/ exactly as the in-process engine does. Without an out dir no private
             state leaves a node.
+
+With `nodes = N` every SuperNode brings its own client folder (node config `data=PATH`, optional `name=`,
+`out=`) and the server holds no data: the query is asked twice, first for the client's name, training count,
+task kind and the starting global adapter, then (the clients numbered in name order) to give each node its
+index, which every later message repeats ("client-index" in "config"). Its replies carry no label space, no
+per-item scores and no model: a node's final evaluation sends only numbers (scores per view and question type,
+val-score and item-var, its part of the standard error) and writes its model and its own results.json under
+its `out` (`save_node_client`). The server logs what every reply held (records, array keys, metric types) to
+`<out>/received.jsonl`.
 
 Every message also carries the run config ("run-config"), so the server is the one source of truth and the
 ClientApp needs nothing from Flower's own run config. A node's client is its `partition-id` (simulation) or

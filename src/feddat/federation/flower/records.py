@@ -45,3 +45,34 @@ def config_from_values(values: Mapping[str, Any]) -> tuple[RunConfig, Path | Non
     out = d.pop("out_dir", None) or None
     d.pop("resume_dir", None)  # the ServerApp's business (make_server_app)
     return RunConfig.from_dict(d), Path(out) if out else None
+
+
+RECEIVED = "received.jsonl"  # in the server's out dir: what every reply the server got carried
+
+
+def contents(message) -> dict[str, Any]:
+    """What a message carries, values of arrays and metrics left out: each record's keys, with an array's shape
+    and dtype, and a metric's or config value's type."""
+    out: dict[str, Any] = {}
+    for name, record in message.content.items():
+        if isinstance(record, ArrayRecord):
+            out[name] = {"arrays": {k: [list(a.shape), str(a.dtype)] for k, a in record.items()}}
+        else:
+            kind = "metrics" if name == METRICS else "config"
+            out[name] = {kind: {k: type(v).__name__ for k, v in record.items()}}
+    return out
+
+
+def log_received(out_dir: Path | None, stage: str, server_round: int, replies) -> None:
+    """Append one line per reply to `out_dir/received.jsonl` (nothing without an out dir): the stage, round,
+    sending node and `contents`, so an operator can check what left the clients."""
+    if out_dir is None:
+        return
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / RECEIVED, "a") as f:
+        for m in replies:
+            line = {"stage": stage, "round": server_round, "node": m.metadata.src_node_id}
+            line.update({"error": True} if m.has_error() else {"content": contents(m)})
+            f.write(json.dumps(line) + "\n")

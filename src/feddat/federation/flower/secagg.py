@@ -11,8 +11,8 @@ protocol's four stages itself and, in the third, calls the app's train function 
   config as FitIns, and takes the unmasked weighted mean of the clients' changes of the global adapter;
 - client (`secure_aggregation_mod`, on the ClientApp's train function): hands the protocol's messages to
   `secaggplus_mod`, translating its FitIns into our train message and our reply into a FitRes whose parameters
-  are the change of the global adapter and whose weight is the sample count capped at `train-per-client`
-  (SecAgg+'s `max_weight`), or 1 for `aggregation = "equal"`.
+  are the change of the global adapter and whose weight is the sample count capped at the largest count the
+  clients reported at the start (SecAgg+'s `max_weight`), or 1 for `aggregation = "equal"`.
 
 The server never sees one client's update, so what it checks per update elsewhere is impossible here: the
 config refuses secure aggregation with the robust rules, `max-update-norm`, central DP and round retries. The
@@ -45,6 +45,8 @@ RUN_CONFIG_KEY = "feddat.run-config"
 ROUND_KEY = "feddat.server-round"
 RESUMED_KEY = "feddat.resumed-from"
 KEYS_KEY = "feddat.keys"
+MAX_WEIGHT_KEY = "feddat.max-weight"
+INDEXES_KEY = "feddat.client-indexes"  # with nodes: {node id: the client index the server gave that node}
 
 
 # ----- server -----
@@ -102,31 +104,35 @@ class _LegacyRound:
 
 
 def secure_round(grid, node_ids: list[int], global_state: State, config: dict[str, Any], cfg: RunConfig,
-                 server_round: int, timeout: float) -> SecureResult:
+                 server_round: int, timeout: float, weight_bound: int) -> SecureResult:
     """Run SecAgg+ once over `node_ids` (the clients of the round); `config` travels to every client's train
-    function. The result's `mean_change` is None when the protocol halted (too few clients went on)."""
+    function, with `weight_bound` (`max_weight`), the most one client's weight may be. The result's
+    `mean_change` is None when the protocol halted (too few clients went on)."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
     from flwr.server import ServerConfig
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-    strategy = _LegacyRound(node_ids, global_state, config)
+    strategy = _LegacyRound(node_ids, global_state, dict(config, **{MAX_WEIGHT_KEY: weight_bound}))
     state = RecordDict({MAIN_PARAMS_RECORD: ArrayRecord(),
                         MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: server_round})})
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
                             config=ServerConfig(num_rounds=cfg.rounds), strategy=strategy,
                             client_manager=_Nodes(len(node_ids)))
-    workflow = SecAggPlusWorkflow(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=float(max_weight(cfg)),
+    workflow = SecAggPlusWorkflow(NUM_SHARES, RECONSTRUCTION_THRESHOLD, max_weight=float(weight_bound),
                                   timeout=timeout)
     workflow(grid, context)
     return strategy.result or SecureResult(None, {}, ["the SecAgg+ protocol halted: too few clients went on "
                                                       "(see the ServerApp's log)"])
 
 
-def max_weight(cfg: RunConfig) -> int:
-    """SecAgg+'s bound on one client's weight: the server's cap on a sample count, or 1 for equal weights."""
-    return cfg.train_per_client if cfg.aggregation == "samples" else 1
+def max_weight(cfg: RunConfig, counts: dict[str, int]) -> int:
+    """SecAgg+'s bound on one client's weight: the largest training count the clients reported at the start
+    (each capped at what the server lets one client claim), or 1 for equal weights."""
+    if cfg.aggregation != "samples":
+        return 1
+    return max(min(c, cfg.max_train_examples) for c in counts.values())
 
 
 def new_global(global_state: State, mean_change: State) -> State:
@@ -178,10 +184,12 @@ def _as_legacy_fit(msg, context, call_next: Callable):
     global_arrays = parameters_to_ndarrays(fitins.parameters)
     if len(keys) != len(global_arrays):
         raise FedDATError(f"secure aggregation sent {len(global_arrays)} arrays for {len(keys)} tensor names")
+    config = {"server-round": int(fitins.config[ROUND_KEY]), "resumed-from": int(fitins.config[RESUMED_KEY])}
+    if INDEXES_KEY in fitins.config:  # a node with its own data learns its index from the server
+        config["client-index"] = int(json.loads(str(fitins.config[INDEXES_KEY]))[str(context.node_id)])
     ours = RecordDict({
         ARRAYS: ArrayRecord({k: Array(np.ascontiguousarray(a)) for k, a in zip(keys, global_arrays)}),
-        CONFIG: ConfigRecord({"server-round": int(fitins.config[ROUND_KEY]),
-                              "resumed-from": int(fitins.config[RESUMED_KEY])}),
+        CONFIG: ConfigRecord(config),
         RUN_CONFIG: ConfigRecord(run_config),
     })
     original = msg.content
@@ -198,7 +206,8 @@ def _as_legacy_fit(msg, context, call_next: Callable):
     change = [update[k].double().numpy() - np.asarray(a, dtype=np.float64) for k, a in zip(keys, global_arrays)]
     metrics = dict(reply.content[METRICS])
     cfg = RunConfig.from_values(run_config)
-    weight = min(int(metrics["num-examples"]), max_weight(cfg)) if cfg.aggregation == "samples" else 1
+    bound = int(fitins.config[MAX_WEIGHT_KEY])
+    weight = min(int(metrics["num-examples"]), bound) if cfg.aggregation == "samples" else 1
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(change), weight,
                     {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool, bytes))})
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

@@ -25,28 +25,34 @@ from feddat.federation.checkpoint import (RESUME_MAY_CHANGE, Checkpoint, check_f
 from feddat.federation.client_state import remove_temporary_node_dirs
 from feddat.federation.export import save_clients
 from feddat.federation.flower.client_app import client_app
+from feddat.fault_spec import parse_faults
 from feddat.federation.flower.records import (ARRAYS, CLIENT, CONFIG, METRICS, RUN_CONFIG, config_from_values,
-                                              config_to_record, record_to_state, state_to_record)
+                                              config_to_record, log_received, record_to_state, state_to_record)
 from feddat.federation.flower.strategy import TIMEOUT_S, FedDATStrategy, reply_errors
-from feddat.federation.rounds import finish_history
+from feddat.federation.rounds import NODES_NEED_SUPERNODES, finish_history
 from feddat.federation.server import privacy_report
 from feddat.federation.worker import State
 
 log = logging.getLogger(__name__)
 
 
-def _wait_for_nodes(grid: Grid, n: int, timeout: float = TIMEOUT_S) -> list[int]:
+def _wait_for_nodes(grid: Grid, n: int, own_data: bool = False, timeout: float = TIMEOUT_S) -> list[int]:
+    """The connected SuperNodes once there are `n`. With nodes (`own_data`), exactly `n`: a node more is an
+    error, not a client left out."""
     start = time.time()
     end, next_note = start + timeout, start + 10
+    what = "the run's nodes setting" if own_data else "the benchmark"
     while len(nodes := sorted(grid.get_node_ids())) < n:
         if time.time() > next_note:
             next_note += 30
             log.warning("waiting for SuperNodes: %d of %d connected (one per client; in a simulation pass "
                         "--federation-config \"num-supernodes=%d\" to flwr run)", len(nodes), n, n)
         if time.time() > end:
-            raise FedDATError(f"only {len(nodes)} of the {n} SuperNodes the benchmark needs connected "
-                              f"in {timeout:.0f} s")
+            raise FedDATError(f"only {len(nodes)} of the {n} SuperNodes {what} needs connected in {timeout:.0f} s")
         time.sleep(0.2)
+    if own_data and len(nodes) > n:
+        raise FedDATError(f"{len(nodes)} SuperNodes are connected, but the run is set for nodes={n}: start it with "
+                          f"nodes={len(nodes)}, or stop the SuperNodes that should not take part")
     return nodes
 
 
@@ -62,7 +68,7 @@ def _describe(grid: Grid, node_ids: list[int], cfg: RunConfig, n: int, resumed_f
     record = RecordDict({RUN_CONFIG: config_to_record(cfg), CONFIG: ConfigRecord({"resumed-from": resumed_from})})
     replies = list(grid.send_and_receive([Message(content=record, dst_node_id=node, message_type=MessageType.QUERY)
                                           for node in node_ids], timeout=TIMEOUT_S))
-    nodes, names, answers, tasks, initial = {}, [None] * n, [None] * n, [None] * n, None
+    nodes, names, answers, tasks, counts, initial = {}, [None] * n, [None] * n, [None] * n, {}, None
     for m in replies:
         if m.has_error():
             continue
@@ -78,11 +84,52 @@ def _describe(grid: Grid, node_ids: list[int], cfg: RunConfig, n: int, resumed_f
         names[index] = str(m.content[CLIENT]["name"])
         answers[index] = list(m.content[CLIENT]["answers"])
         tasks[index] = json.loads(str(m.content[CLIENT]["task"]))
+        counts[names[index]] = int(m.content[METRICS]["num-examples"])
     missing = [i for i in range(n) if i not in nodes.values()]
     if missing:
         raise FedDATError(f"no SuperNode serves client(s) {missing}: "
                           + ("; ".join(reply_errors(replies)) or "no reply"))
-    return nodes, names, dict(zip(names, answers)), dict(zip(names, tasks)), initial
+    return nodes, names, dict(zip(names, answers)), dict(zip(names, tasks)), initial, {c: counts[c] for c in names}
+
+
+def _describe_own(grid: Grid, node_ids: list[int], cfg: RunConfig, resumed_from: int = 0, out_dir: Path | None = None):
+    """The clients of a run whose SuperNodes bring their own data: ask every node its client's name, training
+    count (fixed for the run) and task kind, and the starting global adapter; number the clients in the order
+    of their names and tell each node its number (it seeds the client). Nothing else about the data is asked."""
+    record = RecordDict({RUN_CONFIG: config_to_record(cfg), CONFIG: ConfigRecord({"resumed-from": resumed_from})})
+    replies = list(grid.send_and_receive([Message(content=record, dst_node_id=node, message_type=MessageType.QUERY)
+                                          for node in node_ids], timeout=TIMEOUT_S))
+    log_received(out_dir, "describe", 0, replies)
+    if (errors := reply_errors(replies)) or len(replies) != len(node_ids):
+        raise FedDATError("SuperNodes could not start: " + ("; ".join(errors) or "replies missing"))
+    by_name: dict[str, Message] = {}
+    initial = None
+    for m in replies:
+        name = str(m.content[CLIENT]["name"])
+        if name in by_name:
+            raise FedDATError(f"nodes {by_name[name].metadata.src_node_id} and {m.metadata.src_node_id} both bring a "
+                              f"client named {name!r}: give one of them another name= in its node config")
+        count = m.content[METRICS]["num-examples"]
+        if not isinstance(count, int) or count < 1:
+            raise FedDATError(f"client {name} (node {m.metadata.src_node_id}) reports {count!r} training items")
+        state = record_to_state(m.content[ARRAYS])
+        if by_name and not _same(initial, state):
+            raise FedDATError(f"client {name} starts from another global adapter than the others: every SuperNode "
+                              "must load the same backbone")
+        initial = state
+        by_name[name] = m
+    names = sorted(by_name)
+    nodes = {by_name[name].metadata.src_node_id: i for i, name in enumerate(names)}
+    starts = [Message(content=RecordDict({RUN_CONFIG: config_to_record(cfg), CONFIG: ConfigRecord(
+        {"resumed-from": resumed_from, "client-index": index})}), dst_node_id=node, message_type=MessageType.QUERY)
+        for node, index in nodes.items()]
+    replies = list(grid.send_and_receive(starts, timeout=TIMEOUT_S))
+    log_received(out_dir, "start", 0, replies)
+    if (errors := reply_errors(replies)) or len(replies) != len(starts):
+        raise FedDATError("SuperNodes could not start: " + ("; ".join(errors) or "replies missing"))
+    tasks = {name: json.loads(str(by_name[name].content[CLIENT]["task"])) for name in names}
+    counts = {name: int(by_name[name].content[METRICS]["num-examples"]) for name in names}
+    return nodes, names, {}, tasks, initial, counts
 
 
 def check_resumable(cfg: RunConfig, resume: Checkpoint) -> None:
@@ -118,12 +165,18 @@ def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_s
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     method = get_method(cfg.method, cfg.to_dict())
-    n = len(cfg.client_names())
+    n = cfg.n_clients
     if resume is not None:
         check_resumable(cfg, resume)
     done = resume.round if resume is not None else 0
-    nodes, names, label_spaces, tasks, initial = _describe(grid, _wait_for_nodes(grid, n), cfg, n, done)
+    connected = _wait_for_nodes(grid, n, bool(cfg.nodes))
+    if cfg.nodes:  # the clients are the nodes, with what they report of themselves
+        nodes, names, label_spaces, tasks, initial, counts = _describe_own(grid, connected, cfg, done, out_dir)
+        parse_faults(cfg.fault_injection, names, cfg.rounds)
+    else:
+        nodes, names, label_spaces, tasks, initial, counts = _describe(grid, connected, cfg, n, done)
     history = History(cfg.to_dict(), names, label_spaces, tasks)
+    history.data["train_counts"] = counts
     if (privacy := privacy_report(cfg)) is not None:
         history.data["privacy"] = privacy
     if resume is not None:
@@ -133,7 +186,7 @@ def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_s
     history.attach(tracker)
     bar = tqdm(total=cfg.rounds - done, desc=cfg.method, unit="round", disable=not progress)
     timeout = cfg.round_timeout or TIMEOUT_S
-    strategy = FedDATStrategy(cfg, nodes, names, history, initial, bar, export=out_dir is not None,
+    strategy = FedDATStrategy(cfg, nodes, names, counts, history, initial, bar, export=out_dir is not None,
                               timeout=timeout, out_dir=out_dir, resumed_from=done)
     try:
         strategy.start(grid, state_to_record(initial), num_rounds=cfg.rounds - done, timeout=timeout,
@@ -143,11 +196,12 @@ def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_s
     if strategy.final_evals is None:
         raise FedDATError("the run ended without a final evaluation")
     finish_history(history, method, strategy.final_evals, time.time() - t_start, strategy.final_val_evals)
-    if out_dir is not None:
+    if out_dir is not None and strategy.export:
         missing = [n for n in names if n not in strategy.exports]
         if missing:
             raise FedDATError(f"no saved model came back from client(s) {', '.join(missing)}")
         save_clients(out_dir, strategy.exports)
+    if out_dir is not None:
         history.save(out_dir)
     return history.data
 
@@ -197,6 +251,8 @@ def run_flower(cfg: RunConfig, out_dir: Path | None = None, progress: bool = Tru
 
     t_start = time.time()
     cfg = replace(cfg, engine="flower").validate()
+    if cfg.nodes:
+        raise FedDATError(NODES_NEED_SUPERNODES)
     if resume is not None:
         check_resumable(cfg, resume)
     if cfg.threads:

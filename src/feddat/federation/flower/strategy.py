@@ -23,8 +23,9 @@ from feddat.eval.results import History
 from feddat.federation.aggregate import update_bytes
 from feddat.federation.checkpoint import save_checkpoint
 from feddat.federation.flower.records import (ARRAYS, CLIENT, CONFIG, METRICS, MODEL_META, RUN_CONFIG,
-                                              config_to_record, record_to_state, state_to_record)
-from feddat.federation.flower.secagg import RESUMED_KEY, ROUND_KEY, RUN_CONFIG_KEY, new_global, secure_round
+                                              config_to_record, log_received, record_to_state, state_to_record)
+from feddat.federation.flower.secagg import (INDEXES_KEY, RESUMED_KEY, ROUND_KEY, RUN_CONFIG_KEY, max_weight,
+                                             new_global, secure_round)
 from feddat.federation.rounds import reported_views
 from feddat.federation.sampling import sample_clients
 from feddat.federation.server import RoundCollector, ServerRules
@@ -57,20 +58,22 @@ class FedDATStrategy(Strategy):
     """Sends the global adapter to every client, aggregates with our `aggregate()`, scores on evaluation rounds
     and fills a `History` as the in-process engine does."""
 
-    def __init__(self, cfg: RunConfig, nodes: dict[int, int], names: list[str], history: History,
-                 global_state: State | None, bar: tqdm | None = None, export: bool = False,
+    def __init__(self, cfg: RunConfig, nodes: dict[int, int], names: list[str], counts: dict[str, int],
+                 history: History, global_state: State | None, bar: tqdm | None = None, export: bool = False,
                  timeout: float = TIMEOUT_S, out_dir: Path | None = None, resumed_from: int = 0):
         self.cfg = cfg
         self.method = get_method(cfg.method, cfg.to_dict())
         self.nodes = nodes                  # node id -> client index
         self.names = names                  # client names by index
+        self.counts = counts                # client name -> training count, reported once at the start
+        self.own_data = bool(cfg.nodes)     # the nodes bring their own data: only aggregates come back
         self.history = history
         self.global_state = global_state    # the current aggregate, as tensors (None when nothing travels)
         self.run_record = config_to_record(cfg)
         self.bar = bar
         self.final_evals: dict[str, dict] | None = None
         self.final_val_evals: dict[str, dict] | None = None  # the predicting view on the validation splits
-        self.export = export                # ask the clients for their models in the final evaluation
+        self.export = export and not self.own_data  # ask the clients for their models in the final evaluation
         self.exports: dict[str, tuple[State, dict]] = {}   # client name -> (tensors, client.json)
         self.timeout = timeout              # seconds to wait for the replies of one send
         self.out_dir = out_dir              # where the server checkpoints every round (None: nowhere)
@@ -92,11 +95,17 @@ class FedDATStrategy(Strategy):
         """One message per client (or per client in `names`), in client order."""
         config["server-round"] = server_round
         config["resumed-from"] = self.offset
-        record = RecordDict({ARRAYS: arrays, CONFIG: config, RUN_CONFIG: self.run_record})
         wanted = set(self.names if names is None else names)
-        self._outgoing = [Message(content=record, dst_node_id=node, message_type=kind, group_id=str(server_round))
+        self._outgoing = [Message(content=self._content(arrays, config, node), dst_node_id=node, message_type=kind,
+                                  group_id=str(server_round))
                           for node in sorted(self.nodes, key=self.nodes.get) if self.names[self.nodes[node]] in wanted]
         return self._outgoing
+
+    def _content(self, arrays: ArrayRecord, config: ConfigRecord, node: int) -> RecordDict:
+        """A message's records; a node with its own data also learns its client index (which seeds it)."""
+        if self.own_data:
+            config = ConfigRecord({**config, "client-index": self.nodes[node]})
+        return RecordDict({ARRAYS: arrays, CONFIG: config, RUN_CONFIG: self.run_record})
 
     def _reply_node(self, m: Message) -> int | None:
         """The node a reply answers for: its sender, or, for the error the SuperLink sends in the name of a node
@@ -160,7 +169,7 @@ class FedDATStrategy(Strategy):
             update = (record_to_state(m.content[ARRAYS]) if ARRAYS in m.content else None) if self.method.shared \
                 else None
             collector.answered(name, {k[len("train."):]: v for k, v in metrics.items() if k.startswith("train.")},
-                               int(metrics["num-examples"]), update)
+                               self.counts[name], update)  # the count reported at the start, fixed for the run
         for name in asked:
             if name not in heard:
                 collector.failed(name, f"timed out: no answer within {self.timeout:g} s")
@@ -175,12 +184,16 @@ class FedDATStrategy(Strategy):
         if secure:
             new = self._secure_round(collector, server_round)
         else:
+            replies = list(replies)
+            log_received(self.out_dir, "train", server_round, replies)
             self._collect(collector, replies, asked)
             while collector.retry():
                 asked = collector.to_retry()
                 config = ConfigRecord({"attempt": collector.attempts - 1})
                 msgs = self._messages(server_round, self._arrays, config, MessageType.TRAIN, asked)
-                self._collect(collector, self._grid.send_and_receive(msgs, timeout=self.timeout), asked)
+                replies = list(self._grid.send_and_receive(msgs, timeout=self.timeout))
+                log_received(self.out_dir, "train", server_round, replies)
+                self._collect(collector, replies, asked)
             self._round = collector
             new = collector.aggregate()  # FedDATError when too few clients gave a usable result
         arrays = None
@@ -197,15 +210,17 @@ class FedDATStrategy(Strategy):
         learns each client's metrics and the mean change of the global adapter, not the updates."""
         config = {RUN_CONFIG_KEY: json.dumps(dict(self.run_record)), ROUND_KEY: server_round,
                   RESUMED_KEY: self.offset}
+        if self.own_data:
+            config[INDEXES_KEY] = json.dumps({str(node): index for node, index in self.nodes.items()})
         result = secure_round(self._grid, sorted(self.nodes, key=self.nodes.get), self.global_state, config,
-                              self.cfg, server_round, self.timeout)
+                              self.cfg, server_round, self.timeout, max_weight(self.cfg, self.counts))
         for node, metrics in result.answered.items():
             index = self.nodes.get(node)
             if index is None or int(metrics["client-index"]) != index:
                 raise FedDATError(f"round {server_round}: the SecAgg+ sum holds the update of node {node}, which "
                                   f"claims client {metrics.get('client-index')}: the round cannot be used")
             train = {k[len("train."):]: float(v) for k, v in metrics.items() if k.startswith("train.")}
-            collector.answered(self.names[index], train, int(metrics["num-examples"]), None)
+            collector.answered(self.names[index], train, self.counts[self.names[index]], None)
         dropped = "; ".join(result.failures) or "no masked update reached the sum"
         for name in self.names:
             if name not in collector.train:
@@ -234,9 +249,12 @@ class FedDATStrategy(Strategy):
         """A final evaluate reply as Worker.evaluate's {view: {...}}: every view's score; the predicting view's
         per-item scores and breakdown too (what finish_history reads)."""
         out = {v: {"score": float(metrics[f"score.{v}"])} for v in reported_views(self.method)}
-        out[self.method.predict_view].update(
-            scores=torch.tensor(metrics["scores"], dtype=torch.float64),
-            breakdown={k[len("breakdown."):]: float(v) for k, v in metrics.items() if k.startswith("breakdown.")})
+        main = out[self.method.predict_view]
+        main["breakdown"] = {k[len("breakdown."):]: float(v) for k, v in metrics.items() if k.startswith("breakdown.")}
+        if "scores" in metrics:
+            main["scores"] = torch.tensor(metrics["scores"], dtype=torch.float64)
+        else:  # a node with its own data keeps its per-item scores: the part of the variance they give
+            main["item_var"] = float(metrics["item-var"])
         return out
 
     def _export(self, reply: Message) -> tuple[State, dict]:
@@ -252,6 +270,8 @@ class FedDATStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.offset
+        replies = list(replies)
+        log_received(self.out_dir, "evaluate", server_round, replies)
         ok, errors = self._valid(replies, "evaluate")
         scores = None
         if self._evaluates(server_round):
