@@ -104,13 +104,35 @@ def markdown(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def against_reference(table: dict, order: list[str] | None = None) -> str:
+    """One row per method: its score per seed, mean ± std, and method − reference (mean ± std over the paired
+    seeds, and the seeds the method won), in `order` (default: the directory's)."""
+    seeds, ref = table["seeds"], table["reference"]
+    lines = ["| method | " + " | ".join(f"seed {s}" for s in seeds) + f" | mean ± std | − {ref} (seeds won) |",
+             "|---" * (len(seeds) + 3) + "|"]
+    for method in order or list(table["methods"]):
+        row = table["methods"][method]
+        cells = " | ".join(f"{v:.4f}" for v in row["avg_score"])
+        if method == ref:
+            versus = ""
+        else:
+            d = table["differences"][method]
+            flipped = {"mean": -d["summary"]["mean"], "std": d["summary"]["std"]}
+            won = sum(x < 0 for x in d["per_seed"])
+            versus = f"{_pm(flipped, '+')} ({won}/{len(seeds)})".replace("+-", "−").replace("-", "−")
+        lines.append(f"| {method} | {cells} | {_pm(row['summary'])} | {versus} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="a `feddat compare --out` directory")
     p.add_argument("--reference", default="feddat", help="the method the differences are taken from")
+    p.add_argument("--order", default="", help="comma-separated methods: the order of the last table's rows")
     args = p.parse_args()
     table = summarise(load_runs(args.out), args.reference)
-    md = markdown(table)
+    md = markdown(table) + "\nAgainst the reference:\n\n" + against_reference(
+        table, [m for m in args.order.split(",") if m] or None)
     (args.out / "paired.json").write_text(json.dumps(table, indent=2) + "\n")
     (args.out / "paired.md").write_text(md)
     print(md)

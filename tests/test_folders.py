@@ -236,6 +236,37 @@ def test_a_saved_dataset_with_embedded_images_and_a_column_mapping(tok, tmp_path
     assert torch.equal(hub_layout.test.batch(torch.tensor([0, 5]))["pixel_values"], want)
 
 
+def test_a_hub_dataset_id_is_read_with_load_dataset(tok, tmp_path, hf_cache, monkeypatch):
+    """A client path that is not on this machine and reads owner/name goes to `datasets.load_dataset` (here
+    replaced by one that serves a local DatasetDict: the machine is offline); an id the Hub does not give is a
+    one-line error naming it."""
+    import datasets
+
+    n = 20
+    imgs = [Image.fromarray(_image(i, 20)) for i in range(n)]
+    part = datasets.Dataset.from_dict({"image": imgs, "question": ["is there a circle ?"] * n,
+                                       "answer": ["yes" if i % 2 else "no" for i in range(n)]},
+                                      features=datasets.Features({"image": datasets.Image(),
+                                                                  "question": datasets.Value("string"),
+                                                                  "answer": datasets.Value("string")}))
+    asked = []
+
+    def fake_load_dataset(name, **kw):
+        asked.append(name)
+        if name != "someone/circles":
+            raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
+        return datasets.DatasetDict({"train": part, "test": part.select(range(6))})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    client = load("someone/circles", tok, hf_cache)
+    assert asked == ["someone/circles"] and client.name == "circles" and client.answers == ["no", "yes"]
+    assert len(client.test) == 6 and client.test.batch(torch.tensor([0, 1]))["pixel_values"].shape[0] == 2
+    with pytest.raises(FedDATError, match="someone/absent is not a folder on this machine, and the Hugging Face Hub"):
+        load("someone/absent", tok, hf_cache)
+    with pytest.raises(FedDATError, match="does not exist"):
+        load(tmp_path / "absent", tok, hf_cache)
+
+
 def test_pair_choice_and_entailment_columns(tok, tmp_path, hf_cache):
     pair = [{"file_name": f"{i}.png", "file_name_2": f"{(i + 1) % 24}.png", "question": "both images have a circle",
              "answer": bool(i % 2)} for i in range(24)]

@@ -162,7 +162,8 @@ def test_sampled_clients_are_recorded_and_only_they_train(tiny_config):
 def test_a_client_that_sits_out_keeps_its_state_and_refreshes_its_frozen_copy(tiny_config):
     """Private state unchanged through skipped rounds; on its next round FedDAT's frozen copy starts as the
     newest aggregate, not the one of the client's previous round."""
-    from feddat.federation.inprocess import build, open_client_states, round_clients
+    from feddat.federation.sampling import sample_clients
+    from feddat.federation.inprocess import build, open_client_states
     from feddat.federation.server import RoundCollector, ServerRules
 
     cfg = tiny_config(partition="iid", num_clients=6, clients_per_round=2, rounds=4, seed=1)
@@ -173,7 +174,7 @@ def test_a_client_that_sits_out_keeps_its_state_and_refreshes_its_frozen_copy(ti
     seen: dict[str, tuple[int, dict]] = {}
     checked = 0
     for r in range(cfg.rounds):
-        sampled = round_clients(cfg, 6, r)
+        sampled = sample_clients(cfg.seed, r, 6, cfg.round_size())
         before = {n: {k: v.clone() for k, v in states[n].items()} for n in names}
         collector = RoundCollector(ServerRules.of(cfg), [names[i] for i in sampled], True, glob, r)
         for i in sampled:

@@ -376,7 +376,8 @@ class _RunConfig:
              self.engine == "flower"),
             ("clients-per-round (every client's data is pooled every round)", bool(self.clients_per_round)),
             ("fault-injection (there are no client rounds to fail)", bool(self.fault_injection)),
-            ("secure-aggregation (nothing is aggregated)", self.secure_aggregation is True)) if on]
+            ("secure-aggregation (nothing is aggregated)", self.secure_aggregation is True),
+            ("dp-clip (there is no aggregate to clip and noise)", self.dp_clip > 0)) if on]
         if conflicts:
             raise FedDATError(f"method {self.method} pools every client's raw data (a centralised reference, not "
                               "federated) and cannot go with " + "; ".join(conflicts))

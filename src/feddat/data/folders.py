@@ -286,6 +286,29 @@ def _parquet_dir(path: Path, cache_dir) -> dict[str, _Source]:
     return out
 
 
+def looks_like_hub_id(path) -> bool:
+    """Whether a client's path that is not on this machine names a dataset of the Hugging Face Hub
+    (`owner/name`, read with `datasets.load_dataset` where the machine is online)."""
+    text = str(path)
+    return not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")) \
+        and all(part and " " not in part for part in text.split("/"))
+
+
+def _open_hub(hub_id: str, cache_dir) -> dict[str, _Source]:
+    """A dataset of the Hub by id, with its splits (images are `datasets.Image` values: bytes)."""
+    from datasets import load_dataset
+
+    try:
+        with _quiet_datasets():
+            obj = load_dataset(hub_id, cache_dir=str(cache_dir) if cache_dir else None)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FedDATError(f"{hub_id} is not a folder on this machine, and the Hugging Face Hub did not give a dataset "
+                          f"of that id ({type(e).__name__}: {first}); give a client folder, or check the id and "
+                          "that this machine is online") from e
+    return _from_datasets(obj, hub_id, Path.cwd())
+
+
 def _open(path: Path, client: str, cache_dir) -> dict[str, _Source]:
     """The client's sources by split ("train", "validation", "test"), or {"all": ...} to be split by seed."""
     from datasets import load_from_disk
@@ -838,15 +861,16 @@ def load_client_folder(path, tokenizer, text_len: int, image_size: int, seed: in
     every image once at load (so that a bad one is found now, or skipped with `skip_bad`). `name` defaults to
     the folder's name; `cache_dir` is where `datasets` keeps its Arrow files (default: its own cache).
     Returns a `FolderClient` (a ClientData) whose `report` says what loading found."""
+    hub_id = str(path) if looks_like_hub_id(path) else None
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and hub_id is None:
         raise FedDATError(f"client folder {path} does not exist")
     if not isinstance(image_size, int) or image_size <= 0:
         raise FedDATError(f"image size must be a positive integer, got {image_size!r}")
     name = name or (path.stem if path.is_file() else path.name)
-    info = _read_client_json(path)
+    info = {} if hub_id else _read_client_json(path)
     mapping = normalise_columns({**(info.get("columns") or {}), **(columns or {})})
-    sources = _open(path, name, cache_dir)
+    sources = _open_hub(hub_id, cache_dir) if hub_id else _open(path, name, cache_dir)
     used = {s: _resolve_columns(src, mapping) for s, src in sources.items()}
     task, task_from = _task(sources, used, info, path)
     report = FolderReport(str(path), task, task_from)

@@ -15,16 +15,15 @@ from feddat.config import RunConfig
 from feddat.data.benchmarks import RealData, load_benchmark
 from feddat.data.folders import load_named_folders, parse_columns
 from feddat.errors import FedDATError
-from feddat.eval.results import History
 from feddat.eval.tracking import open_tracker
 from feddat.fault_spec import Fault, parse_faults
-from feddat.federation.checkpoint import Checkpoint, save_checkpoint
+from feddat.federation.checkpoint import Checkpoint
 from feddat.federation.client_state import open_states
+from feddat.federation.core import RunCore
 from feddat.federation.faults import check_crash, corrupt, delay
 from feddat.federation.pooled import run_pooled
 from feddat.federation.rounds import NODES_NEED_SUPERNODES, Setup, evaluate_round, finish_run, restore
-from feddat.federation.sampling import sample_clients
-from feddat.federation.server import RoundCollector, ServerRules, privacy_report
+from feddat.federation.server import RoundCollector
 from feddat.federation.worker import State, Worker
 from feddat.models.backbone import load_backbone
 from feddat.seeding import mix_seed
@@ -110,11 +109,6 @@ def open_client_states(setup: Setup):
         index[name], clients[index[name]].head_spec, cfg.seed))
 
 
-def round_clients(cfg: RunConfig, n_clients: int, round_idx: int) -> list[int]:
-    """The indices of the clients that train in round `round_idx` (all, unless clients-per-round draws them)."""
-    return sample_clients(cfg.seed, round_idx, n_clients, cfg.round_size())
-
-
 def _run(cfg: RunConfig, out_dir: Path | None, progress: bool, tracker, t_start: float,
          resume: Checkpoint | None) -> dict:
     setup = build(cfg)
@@ -130,33 +124,34 @@ def _run(cfg: RunConfig, out_dir: Path | None, progress: bool, tracker, t_start:
 
 def _rounds(setup: Setup, states, out_dir: Path | None, progress: bool, tracker, t_start: float,
             resume: Checkpoint | None) -> dict:
+    """The federated rounds in this process; one round reads top to bottom in the loop (see
+    feddat.federation.core for the phases every engine shares)."""
     cfg, worker, clients = setup.cfg, setup.worker, setup.clients
     names = [c.name for c in clients]
     faults = parse_faults(cfg.fault_injection, names, cfg.rounds)
     torch.manual_seed(cfg.seed)
     global_state = worker.initial_global(cfg.seed)
-    history = History(cfg.to_dict(), names, {c.name: c.answers for c in clients},
-                      {c.name: c.describe() for c in clients})
-    if (privacy := privacy_report(cfg)) is not None:
-        history.data["privacy"] = privacy
+    core = RunCore.open(cfg, names, {c.name: c.answers for c in clients}, {c.name: c.describe() for c in clients},
+                        out_dir, train_counts={c.name: len(c.train) for c in clients})
     order_rng = np.random.default_rng(mix_seed(cfg.seed, 0x0DE))
-    global_state, first = restore(resume, global_state, states, order_rng, history)
-    history.attach(tracker)
+    global_state, first = restore(resume, global_state, states, order_rng, core.history)
+    core.history.attach(tracker)
     steps = sum(worker.steps_per_round(len(clients[i].train)) for r in range(first, cfg.rounds)
-                for i in round_clients(cfg, len(clients), r))
-    bar = tqdm(total=steps, desc=f"{cfg.method}", unit="step", disable=not progress)
+                for i in core.sampled(r))
+    bar = core.bar = tqdm(total=steps, desc=f"{cfg.method}", unit="step", disable=not progress)
     final_evals = None  # stays None when a resumed run has no round left: the report then scores afresh
     if resume is not None:
         bar.write(f"resuming after round {first} from {resume.path}")
     for r in range(first, cfg.rounds):
         t_round = time.time()
+        # 1. who trains, in a seeded order (the others sit the round out, keeping their state)
         order = [int(i) for i in order_rng.permutation(len(clients))]
-        sampled = round_clients(cfg, len(clients), r)
-        if cfg.samples_clients:  # the others sit the round out, keeping their state
+        sampled = core.sampled(r)
+        if cfg.samples_clients:
             chosen = set(sampled)
             order = [i for i in order if i in chosen]
-        collector = RoundCollector(ServerRules.of(cfg), [names[i] for i in sampled], worker.method.shared is not None,
-                                   global_state, r)
+        # 2. each trains and answers; the collector screens the answers and asks the missing ones again
+        collector = core.collector(r, [names[i] for i in sampled], worker.method.shared is not None, global_state)
         pending = order
         while True:
             for i in pending:
@@ -165,14 +160,12 @@ def _rounds(setup: Setup, states, out_dir: Path | None, progress: bool, tracker,
             if not collector.retry():
                 break
             pending = [i for i in order if names[i] in collector.to_retry()]
+        # 3. the new global adapter
         global_state = collector.aggregate()
-        scores, final_evals = evaluate_round(setup, states, global_state, r, bar)
-        extra = collector.extra()
-        if cfg.samples_clients:
-            extra["sampled_clients"] = [names[i] for i in sampled]
-        history.add_round(r, collector.train, scores, collector.bytes_sent(), time.time() - t_round, extra)
-        if out_dir is not None:
-            save_checkpoint(out_dir, r + 1, cfg.to_dict(), global_state, states, order_rng.bit_generator.state,
-                            history.data)
+        # 4. scores on evaluation rounds (every view on the last: the final report reuses them)
+        scores, final_evals = evaluate_round(setup, states, global_state, r) if core.evaluates(r) else (None, None)
+        # 5. the round's record and checkpoint
+        core.end_round(r, t_round, scores, global_state, collector, states=states,
+                       rng_state=order_rng.bit_generator.state)
     bar.close()
-    return finish_run(setup, history, states, global_state, out_dir, t_start, final_evals)
+    return finish_run(setup, core, states, global_state, t_start, final_evals)

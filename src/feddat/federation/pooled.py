@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from feddat.data.benchmarks import ClientData, Split
-from feddat.eval.results import History
-from feddat.federation.checkpoint import Checkpoint, save_checkpoint
+from feddat.federation.checkpoint import Checkpoint
+from feddat.federation.core import RunCore
 from feddat.federation.rounds import Setup, evaluate_round, finish_run, restore
 from feddat.federation.worker import lr_factor
 from feddat.models.vl import AnswerHead, make_head
@@ -76,20 +76,21 @@ def run_pooled(setup: Setup, states, out_dir: Path | None, progress: bool, track
     names = [c.name for c in clients]
     torch.manual_seed(cfg.seed)
     global_state = worker.initial_global(cfg.seed)
-    history = History(cfg.to_dict(), names, {c.name: c.answers for c in clients},
-                      {c.name: c.describe() for c in clients})
-    history.data["communication"] = {
-        "kind": "not applicable: a centralised reference pools every client's raw training data once",
-        "raw_data_bytes": {c.name: raw_data_bytes(c) for c in clients}}
+    core = RunCore.open(cfg, names, {c.name: c.answers for c in clients}, {c.name: c.describe() for c in clients},
+                        out_dir, communication={
+                            "kind": "not applicable: a centralised reference pools every client's raw training "
+                                    "data once",
+                            "raw_data_bytes": {c.name: raw_data_bytes(c) for c in clients}})
     order_rng = np.random.default_rng(mix_seed(cfg.seed, 0x9001))
-    global_state, first = restore(resume, global_state, states, order_rng, history)
-    history.attach(tracker)
+    global_state, first = restore(resume, global_state, states, order_rng, core.history)
+    core.history.attach(tracker)
     owners = np.concatenate([np.full(len(c.train), i) for i, c in enumerate(clients)])
     rows = np.concatenate([np.arange(len(c.train)) for c in clients])
     n = len(owners)
     epochs = method.local_epochs(local)
     steps_per_round = epochs * -(-n // local.batch_size)
-    bar = tqdm(total=steps_per_round * (cfg.rounds - first), desc=cfg.method, unit="step", disable=not progress)
+    bar = core.bar = tqdm(total=steps_per_round * (cfg.rounds - first), desc=cfg.method, unit="step",
+                          disable=not progress)
     final_evals = None
     if resume is not None:
         bar.write(f"resuming after round {first} from {resume.path}")
@@ -116,11 +117,9 @@ def run_pooled(setup: Setup, states, out_dir: Path | None, progress: bool, track
         global_state = {k: v.detach().cpu() for k, v in method.shared_state(worker.model).items()}
         for c, h in zip(clients, heads):
             states[c.name] = {f"head.{k}": v.detach().cpu().clone() for k, v in h.state_dict().items()}
-        scores, final_evals = evaluate_round(setup, states, global_state, r, bar)
+        scores, final_evals = evaluate_round(setup, states, global_state, r) if core.evaluates(r) else (None, None)
         train = {"pooled": {"loss": sum(losses) / max(len(losses), 1), "num_examples": n}}
-        history.add_round(r, train, scores, {c: 0 for c in names}, time.time() - t_round)
-        if out_dir is not None:
-            save_checkpoint(out_dir, r + 1, cfg.to_dict(), global_state, states, order_rng.bit_generator.state,
-                            history.data)
+        core.end_round(r, t_round, scores, global_state, train=train, states=states,
+                       rng_state=order_rng.bit_generator.state)
     bar.close()
-    return finish_run(setup, history, states, global_state, out_dir, t_start, final_evals)
+    return finish_run(setup, core, states, global_state, t_start, final_evals)

@@ -49,16 +49,13 @@ def evaluate_all(setup: Setup, states: dict[str, State], global_state: State | N
     return {c.name: evaluate_client(setup, c, states[c.name], global_state, views, split) for c in setup.clients}
 
 
-def evaluate_round(setup: Setup, states, global_state: State | None, r: int, bar) -> tuple[dict | None, dict | None]:
-    """(scores of the predicting view per client, or None when round `r` is not scored; the evaluations over
-    every reported view when `r` is the last round, which the final report then reuses rather than redoes)."""
-    cfg, method = setup.cfg, setup.worker.method
-    last = r + 1 == cfg.rounds
-    if not (last or (r + 1) % cfg.eval_every == 0):
-        return None, None
+def evaluate_round(setup: Setup, states, global_state: State | None, r: int) -> tuple[dict, dict | None]:
+    """Every client scored after round `r`: (the predicting view's score per client; the evaluations over every
+    reported view when `r` is the last round, which the final report then reuses rather than redoes)."""
+    method = setup.worker.method
+    last = r + 1 == setup.cfg.rounds
     evals = evaluate_all(setup, states, global_state, reported_views(method) if last else None)
     scores = {c: e[method.predict_view]["score"] for c, e in evals.items()}
-    bar.write(f"round {r + 1}: mean test score {sum(scores.values()) / len(scores):.4f}")
     return scores, evals if last else None
 
 
@@ -89,16 +86,6 @@ def client_item_var(evaluation: dict) -> float:
     if "scores" in evaluation:
         return item_var(evaluation["scores"].tolist())
     return float(evaluation["item_var"])
-
-
-def final_report(setup: Setup, history: History, states, global_state, wall: float,
-                 evals: dict[str, dict] | None = None) -> None:
-    """`evals`: the test evaluations over `reported_views` of these very states, when the caller has them."""
-    method = setup.worker.method
-    val_evals = evaluate_all(setup, states, global_state, (method.predict_view,), split="val")  # for tuning
-    if evals is None:
-        evals = evaluate_all(setup, states, global_state, reported_views(method))
-    finish_history(history, method, evals, wall, val_evals)
 
 
 def client_export(setup: Setup, index: int, state: State,
@@ -135,15 +122,18 @@ def save_client_models(setup: Setup, out_dir: Path, states: dict[str, State], gl
         write_client(out_dir, *client_export(setup, i, states[c.name], global_state))
 
 
-def finish_run(setup: Setup, history: History, states, global_state, out_dir: Path | None, t_start: float,
-               evals: dict[str, dict] | None = None) -> dict:
-    """The final evaluation and report (reusing the last round's `evals` when given), then (with an out dir)
-    every client's model and results.json."""
-    final_report(setup, history, states, global_state, time.time() - t_start, evals)
-    if out_dir is not None:
-        save_client_models(setup, out_dir, states, global_state)
-        history.save(out_dir)
-    return history.data
+def finish_run(setup: Setup, core, states, global_state, t_start: float, evals: dict[str, dict] | None = None) -> dict:
+    """The final evaluation (reusing the last round's test `evals` over `reported_views` of these very states,
+    when given; the validation splits for tuning), then (with an out dir) every client's model, then the
+    report (`core`: the run's feddat.federation.core.RunCore)."""
+    method = setup.worker.method
+    val_evals = evaluate_all(setup, states, global_state, (method.predict_view,), split="val")
+    if evals is None:
+        evals = evaluate_all(setup, states, global_state, reported_views(method))
+    wall = time.time() - t_start
+    if core.out_dir is not None:
+        save_client_models(setup, core.out_dir, states, global_state)
+    return core.finish(method, evals, wall, val_evals)
 
 
 def restore(resume: Checkpoint | None, global_state, states, order_rng: np.random.Generator,

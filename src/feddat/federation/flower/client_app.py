@@ -225,7 +225,7 @@ def train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     s = _served(msg, context)
-    c, cfg, setup = s.client, s.cfg, s.setup
+    c, setup = s.client, s.setup
     method = setup.worker.method
     final = bool(msg.content[CONFIG].get("final", False))
     store = _store(s, context)

@@ -18,7 +18,6 @@ from tqdm import tqdm
 from feddat.algorithms.registry import get_method
 from feddat.config import RunConfig
 from feddat.errors import FedDATError
-from feddat.eval.results import History
 from feddat.eval.tracking import open_tracker
 from feddat.federation.checkpoint import (RESUME_MAY_CHANGE, Checkpoint, check_fits, load_checkpoint,
                                           resume_config)
@@ -29,8 +28,8 @@ from feddat.fault_spec import parse_faults
 from feddat.federation.flower.records import (ARRAYS, CLIENT, CONFIG, METRICS, RUN_CONFIG, config_from_values,
                                               config_to_record, log_received, record_to_state, state_to_record)
 from feddat.federation.flower.strategy import TIMEOUT_S, FedDATStrategy, reply_errors
-from feddat.federation.rounds import NODES_NEED_SUPERNODES, finish_history
-from feddat.federation.server import privacy_report
+from feddat.federation.core import RunCore
+from feddat.federation.rounds import NODES_NEED_SUPERNODES
 from feddat.federation.worker import State
 
 log = logging.getLogger(__name__)
@@ -175,19 +174,16 @@ def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_s
         parse_faults(cfg.fault_injection, names, cfg.rounds)
     else:
         nodes, names, label_spaces, tasks, initial, counts = _describe(grid, connected, cfg, n, done)
-    history = History(cfg.to_dict(), names, label_spaces, tasks)
-    history.data["train_counts"] = counts
-    if (privacy := privacy_report(cfg)) is not None:
-        history.data["privacy"] = privacy
+    core = RunCore.open(cfg, names, label_spaces, tasks, out_dir, train_counts=counts)
     if resume is not None:
         check_fits(resume, initial, {})
         initial = resume.global_state
-        history.data["rounds"] = list(resume.history["rounds"])
-    history.attach(tracker)
-    bar = tqdm(total=cfg.rounds - done, desc=cfg.method, unit="round", disable=not progress)
+        core.history.data["rounds"] = list(resume.history["rounds"])
+    core.history.attach(tracker)
+    bar = core.bar = tqdm(total=cfg.rounds - done, desc=cfg.method, unit="round", disable=not progress)
     timeout = cfg.round_timeout or TIMEOUT_S
-    strategy = FedDATStrategy(cfg, nodes, names, counts, history, initial, bar, export=out_dir is not None,
-                              timeout=timeout, out_dir=out_dir, resumed_from=done)
+    strategy = FedDATStrategy(core, nodes, counts, initial, bar, export=out_dir is not None, timeout=timeout,
+                              resumed_from=done)
     try:
         strategy.start(grid, state_to_record(initial), num_rounds=cfg.rounds - done, timeout=timeout,
                        train_config=ConfigRecord(), evaluate_config=ConfigRecord())
@@ -195,15 +191,13 @@ def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_s
         bar.close()
     if strategy.final_evals is None:
         raise FedDATError("the run ended without a final evaluation")
-    finish_history(history, method, strategy.final_evals, time.time() - t_start, strategy.final_val_evals)
+    wall = time.time() - t_start
     if out_dir is not None and strategy.export:
         missing = [n for n in names if n not in strategy.exports]
         if missing:
             raise FedDATError(f"no saved model came back from client(s) {', '.join(missing)}")
         save_clients(out_dir, strategy.exports)
-    if out_dir is not None:
-        history.save(out_dir)
-    return history.data
+    return core.finish(method, strategy.final_evals, wall, strategy.final_val_evals)
 
 
 def make_server_app(cfg: RunConfig | None = None, out_dir: Path | None = None, progress: bool = True,

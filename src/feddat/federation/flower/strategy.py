@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import time
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -17,18 +16,15 @@ from flwr.serverapp.strategy import Strategy
 from tqdm import tqdm
 
 from feddat.algorithms.registry import get_method
-from feddat.config import RunConfig
 from feddat.errors import FedDATError
-from feddat.eval.results import History
 from feddat.federation.aggregate import update_bytes
-from feddat.federation.checkpoint import save_checkpoint
 from feddat.federation.flower.records import (ARRAYS, CLIENT, CONFIG, METRICS, MODEL_META, RUN_CONFIG,
                                               config_to_record, log_received, record_to_state, state_to_record)
 from feddat.federation.flower.secagg import (INDEXES_KEY, RESUMED_KEY, ROUND_KEY, RUN_CONFIG_KEY, max_weight,
                                              new_global, secure_round)
 from feddat.federation.rounds import reported_views
-from feddat.federation.sampling import sample_clients
-from feddat.federation.server import RoundCollector, ServerRules
+from feddat.federation.core import RunCore
+from feddat.federation.server import RoundCollector
 from feddat.federation.worker import State
 
 log = logging.getLogger(__name__)
@@ -58,16 +54,15 @@ class FedDATStrategy(Strategy):
     """Sends the global adapter to every client, aggregates with our `aggregate()`, scores on evaluation rounds
     and fills a `History` as the in-process engine does."""
 
-    def __init__(self, cfg: RunConfig, nodes: dict[int, int], names: list[str], counts: dict[str, int],
-                 history: History, global_state: State | None, bar: tqdm | None = None, export: bool = False,
-                 timeout: float = TIMEOUT_S, out_dir: Path | None = None, resumed_from: int = 0):
-        self.cfg = cfg
+    def __init__(self, core: RunCore, nodes: dict[int, int], counts: dict[str, int], global_state: State | None,
+                 bar: tqdm | None = None, export: bool = False, timeout: float = TIMEOUT_S, resumed_from: int = 0):
+        cfg = self.cfg = core.cfg
+        self.core = core                    # the run's rounds: sampling, collecting, recording, checkpoints
         self.method = get_method(cfg.method, cfg.to_dict())
         self.nodes = nodes                  # node id -> client index
-        self.names = names                  # client names by index
+        self.names = core.names             # client names by index
         self.counts = counts                # client name -> training count, reported once at the start
         self.own_data = bool(cfg.nodes)     # the nodes bring their own data: only aggregates come back
-        self.history = history
         self.global_state = global_state    # the current aggregate, as tensors (None when nothing travels)
         self.run_record = config_to_record(cfg)
         self.bar = bar
@@ -76,14 +71,14 @@ class FedDATStrategy(Strategy):
         self.export = export and not self.own_data  # ask the clients for their models in the final evaluation
         self.exports: dict[str, tuple[State, dict]] = {}   # client name -> (tensors, client.json)
         self.timeout = timeout              # seconds to wait for the replies of one send
-        self.out_dir = out_dir              # where the server checkpoints every round (None: nowhere)
+        self.out_dir = core.out_dir         # where the server logs what it received (None: nowhere)
         self.offset = resumed_from          # rounds done before this start: Flower counts from 1 again
         self._round_start = 0.0
         self._grid: Grid | None = None
         self._arrays = ArrayRecord()
         self._round: RoundCollector | None = None
         self._outgoing: list[Message] = []  # the messages of the current send (their ids identify the replies)
-        self._sampled: list[str] = list(names)  # the clients asked to train this round
+        self._sampled: list[str] = list(self.names)  # the clients asked to train this round
 
     def summary(self) -> None:
         log.info("FedDAT strategy: method %s, %d clients, %d rounds, aggregation %s of %s%s", self.cfg.method,
@@ -143,8 +138,7 @@ class FedDATStrategy(Strategy):
             self.bar.set_description(f"{self.cfg.method} round {server_round}/{self.cfg.rounds}")
         if self.cfg.secure_aggregation:
             return []  # the round's messages are SecAgg+'s, sent from aggregate_train
-        self._sampled = [self.names[i] for i in sample_clients(self.cfg.seed, server_round - 1, len(self.names),
-                                                               self.cfg.round_size())]
+        self._sampled = [self.names[i] for i in self.core.sampled(server_round - 1)]
         return self._messages(server_round, arrays, config, MessageType.TRAIN, self._sampled)
 
     def _collect(self, collector: RoundCollector, replies: Iterable[Message], asked: list[str]) -> None:
@@ -179,8 +173,8 @@ class FedDATStrategy(Strategy):
         server_round += self.offset
         secure = self.cfg.secure_aggregation
         asked = self.names if secure else self._sampled
-        collector = RoundCollector(ServerRules.of(self.cfg), asked, self.method.shared is not None and not secure,
-                                   self.global_state, server_round - 1)
+        collector = self.core.collector(server_round - 1, asked, self.method.shared is not None and not secure,
+                                        self.global_state)
         if secure:
             new = self._secure_round(collector, server_round)
         else:
@@ -234,7 +228,7 @@ class FedDATStrategy(Strategy):
         return new_global(self.global_state, result.mean_change)
 
     def _evaluates(self, server_round: int) -> bool:
-        return server_round % self.cfg.eval_every == 0 or server_round == self.cfg.rounds
+        return self.core.evaluates(server_round - 1)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -287,18 +281,9 @@ class FedDATStrategy(Strategy):
                 if self.export:
                     self.exports = {name: self._export(m) for m in ok
                                     for name in [self.names[int(m.content[METRICS]["client-index"])]]}
-        collector = self._round
-        extra = collector.extra()
-        if self.cfg.samples_clients:
-            extra["sampled_clients"] = list(self._sampled)
-        self.history.add_round(server_round - 1, collector.train, scores, collector.bytes_sent(),
-                               time.time() - self._round_start, extra)
-        if self.out_dir is not None:
-            # the server's part of the checkpoint; the clients keep theirs in their client-state-dir
-            save_checkpoint(self.out_dir, server_round, self.cfg.to_dict(), self.global_state, {}, {},
-                            self.history.data)
+        # the round's record and the server's part of the checkpoint (the clients keep theirs in their
+        # client-state-dir)
+        self.core.end_round(server_round - 1, self._round_start, scores, self.global_state, self._round)
         if self.bar is not None:
             self.bar.update(1)
-            if scores is not None:
-                self.bar.write(f"round {server_round}: mean test score {sum(scores.values()) / len(scores):.4f}")
         return None if scores is None else MetricRecord({"score": sum(scores.values()) / len(scores)})
