@@ -2,7 +2,7 @@
 `feddat run --clients-dir` (FedDAT and FedAvg-adapter) and scored against chance on every client.
 
 The data: scikit-learn's handwritten digits (1,797 grey 8x8 scans by 43 writers, shipped inside the scikit-learn
-package, so nothing is downloaded at run time: `pip install scikit-learn`). Three parties, each with its own
+package, so nothing is downloaded at run time: `pip install -e .[bench]`). Three parties, each with its own
 question about its own share of the scans (a function-style heterogeneity, one task per client):
 
     digit   "what digit is this ?"             0 ... 9
@@ -42,7 +42,7 @@ def write_folders(root: Path, seed: int) -> None:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        sys.exit("this script reads scikit-learn's digits: pip install scikit-learn")
+        sys.exit("this script reads scikit-learn's digits: pip install -e .[bench] (scikit-learn)")
     digits = load_digits()
     order = np.random.default_rng(seed).permutation(len(digits.target))
     for k, (name, (question, answer)) in enumerate(QUESTIONS.items()):
