@@ -57,7 +57,8 @@ def test_clients_one_by_one_and_their_names(folders, tiny_backbone_dir, tmp_path
     (["--client", "a=X", "--client", "a=Y"], "two clients are named 'a'"),
     (["--client", "noequals"], "is not NAME=PATH"),
     (["--clients-dir", "DIR", "--data-dir", "DIR"], "cannot go with data-dir"),
-    (["--clients-dir", "DIR", "--partition", "iid", "--num-clients", "4"], "cannot go with partition iid"),
+    (["--clients-dir", "DIR", "--partition", "iid"], "partition iid needs num-clients >= 1"),
+    (["--clients-dir", "DIR", "--nodes", "2"], "drop clients-dir"),
     (["--clients-dir", "DIR/none"], "does not exist"),
     (["--clients-dir", "DIR", "--columns", "questoin"], "column mapping 'questoin' is not NAME=COLUMN"),
 ])
@@ -90,3 +91,35 @@ def test_describe_client_folders(folders, tmp_path, capsys):
     capsys.readouterr()
     assert main(["data", "--clients-dir", str(folders)]) == 2
     assert "needs --out DIR" in capsys.readouterr().err
+
+
+def test_a_partition_of_your_folders(folders, tiny_backbone_dir, tmp_path):
+    """--partition over client folders pools their items and splits them over num-clients clients (each item
+    once with iid), sharing one label space; a run on it trains and its saved models re-score alike."""
+    from feddat.data.folders import load_partitioned_folders
+    from feddat.data.partition import Partition
+    from feddat.models.backbone import load_backbone
+
+    _, tok = load_backbone(tiny_backbone_dir)
+    pairs = [(n, folders / n) for n in ("clipart", "night")]
+    parts = load_partitioned_folders(pairs, Partition("iid", 3), tok, 8, 48, 0, cache_dir=tmp_path / "c")
+    assert [c.name for c in parts] == ["part-0", "part-1", "part-2"]
+    questions = Counter(q for c in parts for s in (c.train, c.val, c.test) for q in s.questions)
+    rows = [json.loads(x) for n, _ in pairs for s in ("train", "validation", "test")
+            for x in (folders / n / s / "metadata.jsonl").read_text().splitlines()]
+    assert questions == Counter(r["question"] for r in rows)  # every item of both folders, once
+    assert all(c.answers == parts[0].answers for c in parts) and all(len(c.test) >= 1 for c in parts)
+    skewed = load_partitioned_folders(pairs, Partition("pathological", 3, classes=2), tok, 8, 48, 0,
+                                      cache_dir=tmp_path / "c")
+    for c in skewed:  # two answers per client
+        labels = c.train.labels if c.train.labels.dim() == 1 else c.train.labels.argmax(dim=1)
+        assert len(set(labels.tolist())) <= 2
+
+    out = tmp_path / "run"
+    assert main(["run", "--clients-dir", str(folders), "--partition", "dirichlet", "--num-clients", "4", "--out",
+                 str(out), "--method", "fedavg-adapter", *_flags(tiny_backbone_dir, tmp_path)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["clients"] == ["part-0", "part-1", "part-2", "part-3"]
+    assert main(["eval", "--run", str(out), "--out", str(tmp_path / "eval"), "--quiet"]) == 0
+    again = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert again["final"]["clients"] == pytest.approx(results["final"]["clients"], abs=1e-6)

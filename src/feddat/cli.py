@@ -407,7 +407,8 @@ def _describe_folders(args, cache: Path) -> int:
     if args.clients_dir and args.client:
         raise FedDATError("give the client folders as one folder of folders (--clients-dir) or one by one "
                           "(--client), not both")
-    own = argparse.Namespace(clients_dir=args.clients_dir, client_data=",".join(args.client), nodes=0)
+    own = argparse.Namespace(clients_dir=args.clients_dir, client_data=",".join(args.client), nodes=0,
+                             partition="natural")
     folders = client_folders(own)
     if not folders:
         raise FedDATError(f"{args.clients_dir} holds no client folder")

@@ -80,8 +80,9 @@ class DataConfig:
 
     benchmark: str = setting("domain", "the benchmark the clients come from", choices=tuple(BENCHMARKS))
     clients: int = setting(0, "take the benchmark's first N clients (a smaller federation); 0 = all")
-    partition: str = setting("natural", "natural: the benchmark's own clients; iid, dirichlet, pathological: its "
-                                        "pooled records split over num-clients clients", choices=PARTITIONS)
+    partition: str = setting("natural", "natural: the benchmark's own clients (or one per folder); iid, "
+                                        "dirichlet, pathological: its pooled records (or your folders' items) split "
+                                        "over num-clients clients", choices=PARTITIONS)
     num_clients: int = setting(0, "clients of a partitioned benchmark (partition other than natural)")
     partition_alpha: float = setting(0.5, "dirichlet: concentration of each answer's spread over the clients")
     partition_classes: int = setting(2, "pathological: answers (classes) per client")
@@ -136,8 +137,7 @@ class DataConfig:
         check(isinstance(self.client_data, str) and isinstance(self.columns, str), "client_data",
               "NAME=PATH pairs separated by commas", self.client_data)
         if self.own_data:
-            given = [what for what, on in (("data-dir", self.data_dir), ("partition " + self.partition,
-                                                                            self.partition != "natural")) if on]
+            given = [what for what, on in (("data-dir", self.data_dir),) if on]
             if self.clients_dir and self.client_data:
                 given.append("client (give the clients as one folder of folders, or one by one)")
             if given:
@@ -178,6 +178,8 @@ def all_client_names(d) -> list[str]:
     """Every client: the own folders', or a benchmark's (its own, or a partition's of its pooled records). With
     `nodes` the server knows no client before the SuperNodes report: [] (a node knows its own one: client-data)."""
     if uses_own_data(d):
+        if d.partition != "natural":  # the folders' items pooled and split over num-clients clients
+            return partition_client_names(d.num_clients)
         return [name for name, _ in client_folders(d)]
     if d.nodes:
         return []

@@ -339,12 +339,13 @@ def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, mode
     real = RealData(where_data, int(backbone.config.image_size), skip_bad or cfg.skip_bad_records,
                     progress) if where_data else None
     if cfg.own_data and not other:  # the run's own client folders, read again (the same seed splits them alike)
-        from feddat.data.folders import load_named_folders, parse_columns
+        from dataclasses import replace as _replace
 
-        loaded = load_named_folders([(n, p) for n, p in cfg.client_folders() if n in names], tokenizer,
-                                    backbone.config.max_position_embeddings, int(backbone.config.image_size),
-                                    cfg.seed, parse_columns(cfg.columns), skip_bad or cfg.skip_bad_records,
-                                    cache_dir=cache / "datasets")
+        from feddat.federation.inprocess import load_own_data
+
+        loaded = [c for c in load_own_data(_replace(cfg, skip_bad_records=skip_bad or cfg.skip_bad_records), tokenizer,
+                                           backbone.config.max_position_embeddings, int(backbone.config.image_size),
+                                           cache / "datasets") if c.name in names]
     else:
         loaded = load_benchmark(bench, cfg.seed, cfg.sizes, tokenizer, backbone.config.max_position_embeddings,
                                 cache, partition=None if other else cfg.partition_spec, real=real,

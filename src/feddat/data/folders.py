@@ -848,6 +848,34 @@ def _to_lazy_split(rows: _Rows, task: str, tokenizer, text_len: int, lookup: dic
     return split, unknown
 
 
+def _parse_folder(path: Path, hub_id: str | None, name: str, columns, skip_bad: bool, cache_dir,
+                  check_images: bool) -> tuple[str, dict[str, _Rows], FolderReport, _Bad]:
+    """A client's sources read and checked: its task, its rows by source split ("all", or train, validation,
+    test), what loading found, and the record of bad rows."""
+    info = {} if hub_id else _read_client_json(path)
+    mapping = normalise_columns({**(info.get("columns") or {}), **(columns or {})})
+    sources = _open_hub(hub_id, cache_dir) if hub_id else _open(path, name, cache_dir)
+    used = {s: _resolve_columns(src, mapping) for s, src in sources.items()}
+    task, task_from = _task(sources, used, info, path)
+    report = FolderReport(str(hub_id or path), task, task_from)
+    for s, src in sources.items():
+        for key in REQUIRED[task]:
+            if key not in used[s]:
+                raise _missing_column(src, key, task, used[s])
+    bad = _Bad(skip_bad)
+    k_choices: list[int] = []
+    ordered = sorted(sources, key=lambda s: ("all", "train", "validation", "test").index(s))
+    parsed = {s: _parse(sources[s], used[s], task, bad, k_choices) for s in ordered}
+    if check_images:
+        parsed = {s: _check_images(rows, bad, report) for s, rows in parsed.items()}
+    report.skipped = {s: n for s, n in bad.counts.items() if n}
+    report.first_problem = bad.first
+    if sum(report.skipped.values()):
+        log.warning("client %s: skipped %d bad rows (%s; first: %s)", name, sum(report.skipped.values()),
+                    ", ".join(f"{s} {n}" for s, n in report.skipped.items()), bad.first)
+    return task, parsed, report, bad
+
+
 def load_client_folder(path, tokenizer, text_len: int, image_size: int, seed: int,
                        columns: dict[str, str] | None = None, skip_bad: bool = False, *, name: str | None = None,
                        cache_dir=None, check_images: bool = True,
@@ -868,27 +896,7 @@ def load_client_folder(path, tokenizer, text_len: int, image_size: int, seed: in
     if not isinstance(image_size, int) or image_size <= 0:
         raise FedDATError(f"image size must be a positive integer, got {image_size!r}")
     name = name or (path.stem if path.is_file() else path.name)
-    info = {} if hub_id else _read_client_json(path)
-    mapping = normalise_columns({**(info.get("columns") or {}), **(columns or {})})
-    sources = _open_hub(hub_id, cache_dir) if hub_id else _open(path, name, cache_dir)
-    used = {s: _resolve_columns(src, mapping) for s, src in sources.items()}
-    task, task_from = _task(sources, used, info, path)
-    report = FolderReport(str(path), task, task_from)
-    for s, src in sources.items():
-        for key in REQUIRED[task]:
-            if key not in used[s]:
-                raise _missing_column(src, key, task, used[s])
-    bad = _Bad(skip_bad)
-    k_choices: list[int] = []
-    ordered = sorted(sources, key=lambda s: ("all", "train", "validation", "test").index(s))
-    parsed = {s: _parse(sources[s], used[s], task, bad, k_choices) for s in ordered}
-    if check_images:
-        parsed = {s: _check_images(rows, bad, report) for s, rows in parsed.items()}
-    report.skipped = {s: n for s, n in bad.counts.items() if n}
-    report.first_problem = bad.first
-    if sum(report.skipped.values()):
-        log.warning("client %s: skipped %d bad rows (%s; first: %s)", name, sum(report.skipped.values()),
-                    ", ".join(f"{s} {n}" for s, n in report.skipped.items()), bad.first)
+    task, parsed, report, bad = _parse_folder(path, hub_id, name, columns, skip_bad, cache_dir, check_images)
     if "all" in parsed:
         rows = parsed.pop("all")
         if len(rows) == 0:
@@ -1005,6 +1013,70 @@ def load_named_folders(folders: Iterable[tuple[str, Path]], tokenizer, text_len:
     """Clients given as (name, folder), names already checked (`client_dirs`, `check_unique_names`)."""
     return [load_client_folder(path, tokenizer, text_len, image_size, seed, columns, skip_bad, name=name, **kwargs)
             for name, path in folders]
+
+
+def _pool_rows(parts: list[tuple[str, _Rows]]) -> tuple[_Rows, list[str]]:
+    """The rows of several sources as one (image keys are file paths, so the sources' images stay apart), and
+    each row's client."""
+    def cat(field: str):
+        values = [getattr(rows, field) for _, rows in parts]
+        if all(v is None for v in values):
+            return None
+        return [x for v, (_, rows) in zip(values, parts) for x in (v if v is not None else [None] * len(rows))]
+
+    files = ", ".join(sorted({rows.source.file for _, rows in parts}))
+    source = _Source("all", None, f"the pooled folders ({files})", Path("/"))
+    pooled = _Rows(source, [r for _, rows in parts for r in rows.rows], cat("image"), None, cat("questions"),
+                   cat("answers"), cat("annotators"), None, cat("qtypes"), cat("shifted"), cat("synonym"), cat("ids"))
+    return pooled, [name for name, rows in parts for _ in range(len(rows))]
+
+
+def load_partitioned_folders(folders: Iterable[tuple[str, Path]], part, tokenizer, text_len: int, image_size: int,
+                             seed: int, columns: dict[str, str] | None = None, skip_bad: bool = False, *,
+                             cache_dir=None, image_cache_mb: int = DEFAULT_CACHE_MB) -> list[FolderClient]:
+    """Your client folders' items pooled and split over `part.num_clients` clients (`part-0`, ...) as a
+    partitioned benchmark's records are (feddat.data.partition: Flower Datasets' IID, Dirichlet or pathological
+    partitioner by answer), each partition then split by seed into train, validation and test (70/10/20). Every
+    folder must hold VQA items with image files (not images inside Arrow or parquet data); the clients share one
+    label space, the pool's training answers. Images stay on disk, decoded per batch."""
+    from feddat.data.partition import assign_rows, partition_client_names, warn_left_out
+
+    parts = []
+    for name, path in folders:
+        path = Path(path)
+        if not path.exists():
+            raise FedDATError(f"client folder {path} does not exist")
+        task, parsed, _, _ = _parse_folder(path, None, name, columns, skip_bad, cache_dir, True)
+        if task != "vqa":
+            raise FedDATError(f"a partition pools VQA items; client folder {path} holds {task} items: use "
+                              "--partition natural")
+        for s in ("all", "train", "validation", "test"):
+            if s in parsed:
+                if parsed[s].arrow_columns:
+                    raise FedDATError(f"a partition pools items whose images are files; {parsed[s].source.file} "
+                                      "keeps its images inside the data: export them as files, or use --partition "
+                                      "natural")
+                parts.append((name, parsed[s]))
+    pooled, sources = _pool_rows(parts)
+    assigned = assign_rows(pooled.answers, sources, part, seed, SEED_SPLIT)
+    warn_left_out(part, len(pooled), assigned)
+    answers = label_space("vqa", SimpleNamespace(answers=[pooled.answers[i] for t in assigned for i in t[0]],
+                                                 candidates=None))
+    lookup = {a: i for i, a in enumerate(answers)}
+    soft = pooled.annotators is not None and any(a for a in pooled.annotators)
+    clients = []
+    for name, splits in zip(partition_client_names(part.num_clients), assigned):
+        rows = [pooled.take(sorted(idx.tolist())) for idx in splits]
+        total = sum(len(r) for r in rows)
+        report = FolderReport(pooled.source.file, "vqa", f"partition {part.kind} of the pooled folders",
+                              items=dict(zip(SPLITS, map(len, rows))), split_by_seed="all")
+        built = {}
+        for s, r in zip(SPLITS, rows):
+            built[s], report.unknown_answers[s] = _to_lazy_split(r, "vqa", tokenizer, text_len, lookup, soft,
+                                                                 image_size, (image_cache_mb << 20) * len(r) // total)
+        clients.append(FolderClient(name, answers, built["train"], built["validation"], built["test"], task="vqa",
+                                    report=report))
+    return clients
 
 
 # --- writing ----------------------------------------------------------------------------------------------

@@ -74,11 +74,11 @@ def pool_records(per_client: dict[str, dict[str, Records]]) -> tuple[Records, li
     return pooled, sources
 
 
-def pool_dataset(pooled: Records, sources: list[str]):
-    """The pool as a `datasets.Dataset`: columns row, answer, source (the images stay in the Records)."""
+def pool_dataset(answers: list[str], sources: list[str]):
+    """The pool as a `datasets.Dataset`: columns row, answer, source (the items themselves stay where they are)."""
     import datasets
 
-    return datasets.Dataset.from_dict({"row": np.arange(len(pooled), dtype=np.int64), "answer": list(pooled.answers),
+    return datasets.Dataset.from_dict({"row": np.arange(len(answers), dtype=np.int64), "answer": list(answers),
                                        "source": list(sources)})
 
 
@@ -145,8 +145,10 @@ def _cache_path(cache_dir: Path | None, key: dict) -> Path | None:
     return Path(cache_dir) / f"partition-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.npz"
 
 
-def _assign(pooled: Records, sources: list[str], part: Partition, seed: int, fractions, path: Path | None):
-    """Each client's (train, val, test) rows of the pool; read from `path` when cached there."""
+def assign_rows(answers: list[str], sources: list[str], part: Partition, seed: int, fractions,
+                path: Path | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Each client's (train, val, test) rows of a pool whose items have these `answers` (and came from these
+    `sources`); read from `path` when cached there."""
     if path is not None and path.exists():
         try:
             with np.load(path) as z:
@@ -157,7 +159,7 @@ def _assign(pooled: Records, sources: list[str], part: Partition, seed: int, fra
         except Exception as e:  # any damage: say which file and how to fix it
             raise FedDATError(f"partition cache file {path} is unreadable ({type(e).__name__}: {e}); delete it and "
                               "it will be regenerated") from e
-    per_client = partition_indices(pool_dataset(pooled, sources), part, mix_seed(seed, 0x9A27))
+    per_client = partition_indices(pool_dataset(answers, sources), part, mix_seed(seed, 0x9A27))
     out, bounds, start = [], [], 0
     for i, idx in enumerate(per_client):
         if len(idx) < MIN_RECORDS:
@@ -186,13 +188,17 @@ def partition_records(per_client: dict[str, dict[str, Records]], part: Partition
     fractions = (sizes.train / total, sizes.val / total, sizes.test / total)
     path = _cache_path(cache_dir, {"pool": cache_key, "n": len(pooled), "partition": asdict(part), "seed": seed,
                                    "fractions": fractions}) if cache_key else None
-    assigned = _assign(pooled, sources, part, seed, fractions, path)
-    left_out = len(pooled) - sum(len(rows) for splits in assigned for rows in splits)
-    if left_out:
-        log.warning("partition %s over %d clients leaves out %d of the pool's %d records (answers no client draws)",
-                    part.kind, part.num_clients, left_out, len(pooled))
+    assigned = assign_rows(pooled.answers, sources, part, seed, fractions, path)
+    warn_left_out(part, len(pooled), assigned)
     names = partition_client_names(part.num_clients)
     return {name: {s: subset(pooled, rows) for s, rows in zip(SPLITS, splits)} for name, splits in zip(names, assigned)}
+
+
+def warn_left_out(part: Partition, pooled: int, assigned) -> None:
+    left_out = pooled - sum(len(rows) for splits in assigned for rows in splits)
+    if left_out:
+        log.warning("partition %s over %d clients leaves out %d of the pool's %d records (answers no client draws)",
+                    part.kind, part.num_clients, left_out, pooled)
 
 
 def shared_answers(per_client: dict[str, dict[str, Records]]) -> list[str]:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from feddat.algorithms.registry import get_method
 from feddat.config import RunConfig
 from feddat.data.benchmarks import RealData, load_benchmark
-from feddat.data.folders import load_named_folders, parse_columns
+from feddat.data.folders import load_named_folders, load_partitioned_folders, parse_columns
 from feddat.errors import FedDATError
 from feddat.eval.tracking import open_tracker
 from feddat.fault_spec import Fault, parse_faults
@@ -41,14 +41,25 @@ def build(cfg: RunConfig) -> Setup:
     text_len = backbone.config.max_position_embeddings
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     if cfg.own_data:  # the user's client folders (feddat.data.folders), read lazily
-        clients = load_named_folders(cfg.client_folders()[:len(cfg.client_names())], tokenizer, text_len,
-                                     int(backbone.config.image_size), cfg.seed, parse_columns(cfg.columns),
-                                     cfg.skip_bad_records, cache_dir=cache / "datasets")
+        clients = load_own_data(cfg, tokenizer, text_len, int(backbone.config.image_size), cache / "datasets")
     else:
         clients = load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer, text_len, cache,
                                  partition=cfg.partition_spec, real=real_data(cfg, backbone))[:len(cfg.client_names())]
     worker = Worker(get_method(cfg.method, cfg.to_dict()), backbone, cfg.reduction, cfg.local, cfg.device)
     return Setup(cfg, clients, worker)
+
+
+def load_own_data(cfg: RunConfig, tokenizer, text_len: int, image_size: int, cache_dir: Path) -> list:
+    """The run's clients from your own folders: one per folder, or (a partition) their items pooled and split
+    over num-clients clients; the first `clients` of them."""
+    names = cfg.client_names()
+    if cfg.partition_spec is not None:
+        clients = load_partitioned_folders(cfg.client_folders(), cfg.partition_spec, tokenizer, text_len, image_size,
+                                           cfg.seed, parse_columns(cfg.columns), cfg.skip_bad_records,
+                                           cache_dir=cache_dir)
+        return clients[:len(names)]
+    return load_named_folders(cfg.client_folders()[:len(names)], tokenizer, text_len, image_size, cfg.seed,
+                              parse_columns(cfg.columns), cfg.skip_bad_records, cache_dir=cache_dir)
 
 
 def real_data(cfg: RunConfig, backbone):
