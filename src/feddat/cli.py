@@ -517,6 +517,9 @@ def cmd_deploy(args) -> int:
     for round_number, names in missing.items():
         print(f"round {round_number}: no result from {', '.join(names)}")
     print(f"\nwrote {deployment.out / 'results.json'}; logs in {deployment.logs}")
+    if args.client_data:
+        print(f"each node kept its model and its own results.json on its disk: "
+              f"{deployment.workdir / 'nodes' / '<i>' / 'out'} (feddat eval --run / feddat predict --run there)")
     return 0
 
 

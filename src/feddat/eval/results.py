@@ -112,7 +112,8 @@ def client_table(results: dict[str, Any]) -> str:
     sent = results["rounds"][-1]["bytes_sent"] if results["rounds"] else {}
     per_client = max(sent.values()) if sent else 0
     cfg = results["config"]
-    data = cfg.get("clients_dir") or ("your client folders" if cfg.get("client_data") else cfg["benchmark"])
+    data = (f"the {cfg['nodes']} SuperNodes' own data" if cfg.get("nodes") else cfg.get("clients_dir")
+            or ("your client folders" if cfg.get("client_data") else cfg["benchmark"]))
     foot = (f"{cfg['method']} on {data}: mean score "
             f"{final['avg_score']:.4f} ± {final['avg_score_se']:.4f} (s.e. over test items), "
             f"{per_client:,} bytes sent per client per round, {results['wall_seconds']:.0f} s")

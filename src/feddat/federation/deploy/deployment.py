@@ -270,7 +270,7 @@ class Deployment:
             res = self.flwr("supernode", "register", str(key), CONNECTION)
             if res.returncode != 0:
                 raise FedDATError(f"registering {key} failed:\n{res.stdout}{res.stderr}")
-            self._say(f"registered the public key of SuperNode {i} ({key.name}.pub)")
+            self._say(f"registered the public key of SuperNode {i} ({key.name})")
 
     def supernode_argv(self, index: int, key: Path | str | None = REGISTERED,
                        root_certificates: Path | None = None) -> list[str]:
