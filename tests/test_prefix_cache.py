@@ -120,3 +120,29 @@ def test_a_split_that_is_gone_frees_its_memory(tiny_config):
     del other
     gc.collect()
     assert worker.prefix_cache.used == kept and len(worker.prefix_cache._calls) == 1
+
+
+def test_a_kept_prefix_spares_a_client_folder_decoding_its_images(tiny_config, tmp_path):
+    """A client folder decodes images per batch: once its split's prefix is kept, the worker's batches carry no
+    images and decode none (an image-pair client's too), and scores equal those without the cache."""
+    from feddat.cli import main
+    from feddat.data.lazy import ImageTable
+
+    export = tmp_path / "clients"
+    assert main(["data", "--benchmark", "task", "--export", str(export), "--cache-dir", str(tmp_path / "gen"),
+                 "--train-per-client", "16", "--val-per-client", "4", "--test-per-client", "8"]) == 0
+    cfg = tiny_config(clients_dir=str(export), rounds=1, benchmark="domain")
+    setup = build(cfg)
+    worker = setup.worker
+    pair = next(c for c in setup.clients if c.task == "pair").train
+    worker.batch(pair, torch.tensor([0]))                     # computes and keeps the split's prefix
+    loads = []
+    real_load = ImageTable.load
+    ImageTable.load = lambda self, rows: loads.append(len(rows)) or real_load(self, rows)
+    try:
+        batch = worker.batch(pair, torch.tensor([3, 1]))
+    finally:
+        ImageTable.load = real_load
+    assert loads == [] and "pixel_values" not in batch and batch["prefix"].hidden.shape[0] == 4
+    assert _numbers(run(cfg, progress=False)) == _numbers(run(replace(cfg, prefix_cache_mb=0).validate(),
+                                                                progress=False))

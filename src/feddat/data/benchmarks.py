@@ -124,16 +124,24 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, idx: torch.Tensor, device="cpu") -> dict:
-        pixels = self.pixels[self.image_index[idx]]
+    def batch(self, idx: torch.Tensor, device="cpu", pixels: bool = True) -> dict:
+        """The items `idx` as model inputs. Without `pixels` (their frozen prefix is cached: PrefixCache) the images
+        are left out, and an image-pair split says so with "pairs"."""
+        out = self.text_batch(idx, device)
+        if not pixels:
+            if self.image_index2 is not None:
+                out["pairs"] = True
+            return out
+        px = self.pixels[self.image_index[idx]]
         if self.image_index2 is not None:  # (B, 2, 3, H, W)
-            pixels = torch.stack([pixels, self.pixels[self.image_index2[idx]]], dim=1)
-        return {
-            "input_ids": self.input_ids[idx].to(device),
-            "attention_mask": self.attention_mask[idx].to(device),
-            "pixel_values": pixels.to(device),
-            "labels": self.labels[idx].to(device),
-        }
+            px = torch.stack([px, self.pixels[self.image_index2[idx]]], dim=1)
+        out["pixel_values"] = px.to(device)
+        return out
+
+    def text_batch(self, idx: torch.Tensor, device="cpu") -> dict:
+        """A batch's text and labels (no images)."""
+        return {"input_ids": self.input_ids[idx].to(device), "attention_mask": self.attention_mask[idx].to(device),
+                "labels": self.labels[idx].to(device)}
 
 
 @dataclass

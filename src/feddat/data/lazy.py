@@ -194,17 +194,18 @@ class LazySplit(Split):
 
     images: ImageTable | None = None
 
-    def batch(self, idx: torch.Tensor, device="cpu") -> dict:
+    def batch(self, idx: torch.Tensor, device="cpu", pixels: bool = True) -> dict:
         idx = torch.as_tensor(idx, dtype=torch.long)
+        out = self.text_batch(idx, device)
+        if not pixels:  # nothing decoded
+            if self.image_index2 is not None:
+                out["pairs"] = True
+            return out
         first = self.image_index[idx]
         if self.image_index2 is None:
-            pixels = self.pixels[first]
+            px = self.pixels[first]
         else:  # (B, 2, 3, H, W); both images of every statement decoded in one pass
             both = self.pixels[torch.cat([first, self.image_index2[idx]])]
-            pixels = torch.stack([both[:len(idx)], both[len(idx):]], dim=1)
-        return {
-            "input_ids": self.input_ids[idx].to(device),
-            "attention_mask": self.attention_mask[idx].to(device),
-            "pixel_values": pixels.to(device),
-            "labels": self.labels[idx].to(device),
-        }
+            px = torch.stack([both[:len(idx)], both[len(idx):]], dim=1)
+        out["pixel_values"] = px.to(device)
+        return out

@@ -57,18 +57,21 @@ def make_head(dim: int, spec: "HeadSpec | int") -> nn.Module:
 def ungroup(batch: dict) -> tuple[dict, int | None]:
     """A batch of image pairs (pixel_values (B, 2, 3, H, W)) or of candidate texts (input_ids (B, k, L)) as a
     flat batch of B*k (image, text) inputs, and k (None for a plain batch)."""
-    ids, mask, px = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+    ids, mask, px = batch["input_ids"], batch["attention_mask"], batch.get("pixel_values")
     if ids.dim() == 3:
         k = ids.shape[1]
-        px = px.repeat_interleave(k, 0)
+        px = None if px is None else px.repeat_interleave(k, 0)
         ids, mask = ids.flatten(0, 1), mask.flatten(0, 1)
-    elif px.dim() == 5:
-        k = px.shape[1]
-        px = px.flatten(0, 1)
+    elif (px is not None and px.dim() == 5) or batch.get("pairs"):  # "pairs": a batch whose images were left out
+        k = 2 if px is None else px.shape[1]
+        px = None if px is None else px.flatten(0, 1)
         ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
     else:
         return batch, None
-    return {**batch, "input_ids": ids, "attention_mask": mask, "pixel_values": px}, k
+    out = {**batch, "input_ids": ids, "attention_mask": mask}
+    if px is not None:
+        out["pixel_values"] = px
+    return out, k
 
 
 def _regroup(features: torch.Tensor, k: int | None) -> torch.Tensor:
@@ -199,9 +202,10 @@ class PrefixCache:
         self._calls: dict[int, tuple[weakref.ref, LayerCall | None, int]] = {}
 
     def batch(self, split, idx: torch.Tensor, device) -> dict:
-        """`split.batch(idx, device)`, with the rows of its frozen prefix under "prefix" when it is kept."""
-        batch = split.batch(idx, device)
+        """`split.batch(idx, device)`, with the rows of its frozen prefix under "prefix" when it is kept (and
+        then without the images: nothing reads them, and a client folder's would be decoded for nothing)."""
         call, k = self._of(split, device)
+        batch = split.batch(idx, device, pixels=call is None)
         if call is not None:
             rows = idx if k is None else (idx[:, None] * k + torch.arange(k)).flatten()
             batch["prefix"] = call.rows(rows)
