@@ -395,8 +395,7 @@ def cmd_data(args) -> int:
 def _describe_folders(args, cache: Path) -> int:
     """`feddat data --clients-dir DIR` (or --client NAME=PATH ...): your client folders' sample sheets and
     statistics, as for a benchmark, read as a run reads them (the same checks, the same split by seed)."""
-    from feddat.config import all_client_names, client_folders
-    from feddat.data.folders import load_named_folders, parse_columns
+    from feddat.data.folders import check_unique_names, client_dirs, load_named_folders, parse_columns
     from feddat.data.report import stats_table, write_folder_report
     from feddat.models.backbone import load_backbone
 
@@ -407,9 +406,7 @@ def _describe_folders(args, cache: Path) -> int:
     if args.clients_dir and args.client:
         raise FedDATError("give the client folders as one folder of folders (--clients-dir) or one by one "
                           "(--client), not both")
-    own = argparse.Namespace(clients_dir=args.clients_dir, client_data=",".join(args.client), nodes=0,
-                             partition="natural")
-    folders = client_folders(own)
+    folders = client_dirs(args.clients_dir) if args.clients_dir else check_unique_names(args.client)
     if not folders:
         raise FedDATError(f"{args.clients_dir} holds no client folder")
     _, tokenizer = load_backbone(None)
@@ -417,7 +414,7 @@ def _describe_folders(args, cache: Path) -> int:
         clients = load_named_folders(folders, tokenizer, 8, 48, args.seed, parse_columns(args.columns),
                                      args.skip_bad_records, cache_dir=cache / "datasets")
         stats = write_folder_report(clients, Path(args.out), args.clients_dir or ", ".join(args.client))
-    print(f"{len(clients)} client folders: {', '.join(all_client_names(own))}, seed {args.seed}\n")
+    print(f"{len(clients)} client folders: {', '.join(name for name, _ in folders)}, seed {args.seed}\n")
     print(stats_table(stats))
     print(f"\nwrote {Path(args.out) / 'stats.json'} and samples_<client>.png for {len(clients)} clients")
     return 0

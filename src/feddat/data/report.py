@@ -178,9 +178,9 @@ UNSEEN = "(not a training answer)"
 
 
 def split_records(split, answers: list[str], task: str, with_images: int = 0) -> Records:
-    """A loaded split (a client folder's lazy one, or in memory) as Records for the stats and sheets: every
-    item's question, answer (from its label) and type; the images of its first `with_images` items only
-    (decoded now), so a large folder is not decoded to describe it."""
+    """A client folder's split (feddat.data.lazy.LazySplit) as Records for the stats and sheets: every item's
+    question, answer (from its label) and type; the images of its first `with_images` items only (decoded now),
+    so a large folder is not decoded to describe it."""
     labels = split.labels
     if labels.dim() == 2:  # VQA soft scores: the best-scored answer (-1: none of the training answers)
         labels = torch.where(labels.max(dim=1).values > 0, labels.argmax(dim=1), -1)
@@ -193,18 +193,14 @@ def split_records(split, answers: list[str], task: str, with_images: int = 0) ->
     firsts = split.image_index[:n].tolist()
     seconds = split.image_index2[:n].tolist() if split.image_index2 is not None else []
     used = sorted(set(firsts + seconds))
-    if used:
-        table = getattr(split, "images", None)
-        images = table.load(used) if table is not None else \
-            (split.pixels[used].permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    else:
-        images = np.zeros((0, 48, 48, 3), np.uint8)
+    size = split.images.size
+    images = split.images.load(used) if used else np.zeros((0, size, size, 3), np.uint8)
     where = {img: i for i, img in enumerate(used)}
-    index = np.array([where[i] for i in firsts], dtype=np.int64)
     return Records(images=np.asarray(images), patch_colors=np.zeros((len(used), 0), np.int64),
-                   patch_shapes=np.zeros((len(used), 0), np.int64), image_index=index,
-                   questions=list(split.questions[:n]) + list(split.questions[n:]), answers=said,
-                   qtypes=[str(q) for q in split.qtypes], shifted=[], synonym=[], task=task,
+                   patch_shapes=np.zeros((len(used), 0), np.int64),
+                   image_index=np.array([where[i] for i in firsts], dtype=np.int64),
+                   questions=list(split.questions), answers=said, qtypes=[str(q) for q in split.qtypes], shifted=[],
+                   synonym=[], task=task,
                    image_index2=np.array([where[i] for i in seconds], dtype=np.int64) if seconds else None,
                    candidates=list(split.candidates) if split.candidates is not None else None)
 

@@ -19,16 +19,16 @@ from feddat.algorithms.registry import get_method
 from feddat.config import RunConfig
 from feddat.errors import FedDATError
 from feddat.eval.tracking import open_tracker
+from feddat.fault_spec import parse_faults
 from feddat.federation.checkpoint import (RESUME_MAY_CHANGE, Checkpoint, check_fits, load_checkpoint,
                                           resume_config)
 from feddat.federation.client_state import remove_temporary_node_dirs
+from feddat.federation.core import RunCore
 from feddat.federation.export import save_clients
 from feddat.federation.flower.client_app import client_app
-from feddat.fault_spec import parse_faults
 from feddat.federation.flower.records import (ARRAYS, CLIENT, CONFIG, METRICS, RUN_CONFIG, config_from_values,
                                               config_to_record, log_received, record_to_state, state_to_record)
 from feddat.federation.flower.strategy import TIMEOUT_S, FedDATStrategy, reply_errors
-from feddat.federation.core import RunCore
 from feddat.federation.rounds import NODES_NEED_SUPERNODES
 from feddat.federation.worker import State
 
@@ -61,24 +61,48 @@ def _same(a: State | None, b: State | None) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _describe(grid: Grid, node_ids: list[int], cfg: RunConfig, n: int, resumed_from: int = 0):
+def _query(grid: Grid, cfg: RunConfig, configs: dict[int, dict], stage: str, out_dir: Path | None = None,
+           strict: bool = False) -> list[Message]:
+    """One QUERY to each node of `configs` (node id -> its "config" values) with the run config; the replies,
+    logged to received.jsonl (`stage`). `strict`: every node must answer without an error."""
+    run_record = config_to_record(cfg)
+    messages = [Message(content=RecordDict({RUN_CONFIG: run_record, CONFIG: ConfigRecord(config)}), dst_node_id=node,
+                        message_type=MessageType.QUERY) for node, config in configs.items()]
+    replies = list(grid.send_and_receive(messages, timeout=TIMEOUT_S))
+    log_received(out_dir, stage, 0, replies)
+    if strict and ((errors := reply_errors(replies)) or len(replies) != len(messages)):
+        raise FedDATError("SuperNodes could not start: " + ("; ".join(errors) or "replies missing"))
+    return replies
+
+
+def _common_start(replies: list[Message], who) -> State | None:
+    """The starting global adapter every reply without an error carries; FedDATError naming (`who(reply)`) the
+    first client that starts from another one."""
+    initial, seen = None, False
+    for m in replies:
+        if m.has_error():
+            continue
+        state = record_to_state(m.content[ARRAYS])
+        if seen and not _same(initial, state):
+            raise FedDATError(f"{who(m)} starts from another global adapter than the others: every SuperNode must "
+                              "load the same backbone")
+        initial, seen = state, True
+    return initial
+
+
+def _describe(grid: Grid, node_ids: list[int], cfg: RunConfig, n: int, resumed_from: int = 0,
+              out_dir: Path | None = None):
     """Ask every node which client it serves: node->index map, names, label spaces, the starting global adapter
     (and, with client-state-dir, have it set its saved states up for a new or resumed run)."""
-    record = RecordDict({RUN_CONFIG: config_to_record(cfg), CONFIG: ConfigRecord({"resumed-from": resumed_from})})
-    replies = list(grid.send_and_receive([Message(content=record, dst_node_id=node, message_type=MessageType.QUERY)
-                                          for node in node_ids], timeout=TIMEOUT_S))
-    nodes, names, answers, tasks, counts, initial = {}, [None] * n, [None] * n, [None] * n, {}, None
+    replies = _query(grid, cfg, {node: {"resumed-from": resumed_from} for node in node_ids}, "describe", out_dir)
+    initial = _common_start(replies, lambda m: f"client {int(m.content[METRICS]['client-index'])}")
+    nodes, names, answers, tasks, counts = {}, [None] * n, [None] * n, [None] * n, {}
     for m in replies:
         if m.has_error():
             continue
         index = int(m.content[METRICS]["client-index"])
         if index in nodes.values():
             raise FedDATError(f"two SuperNodes serve client {index}: give each a different client-id")
-        state = record_to_state(m.content[ARRAYS])
-        if nodes and not _same(initial, state):
-            raise FedDATError(f"client {index} starts from another global adapter than the others: every SuperNode "
-                              "must load the same backbone")
-        initial = state
         nodes[m.metadata.src_node_id] = index
         names[index] = str(m.content[CLIENT]["name"])
         answers[index] = list(m.content[CLIENT]["answers"])
@@ -95,14 +119,9 @@ def _describe_own(grid: Grid, node_ids: list[int], cfg: RunConfig, resumed_from:
     """The clients of a run whose SuperNodes bring their own data: ask every node its client's name, training
     count (fixed for the run) and task kind, and the starting global adapter; number the clients in the order
     of their names and tell each node its number (it seeds the client). Nothing else about the data is asked."""
-    record = RecordDict({RUN_CONFIG: config_to_record(cfg), CONFIG: ConfigRecord({"resumed-from": resumed_from})})
-    replies = list(grid.send_and_receive([Message(content=record, dst_node_id=node, message_type=MessageType.QUERY)
-                                          for node in node_ids], timeout=TIMEOUT_S))
-    log_received(out_dir, "describe", 0, replies)
-    if (errors := reply_errors(replies)) or len(replies) != len(node_ids):
-        raise FedDATError("SuperNodes could not start: " + ("; ".join(errors) or "replies missing"))
+    replies = _query(grid, cfg, {node: {"resumed-from": resumed_from} for node in node_ids}, "describe", out_dir,
+                     strict=True)
     by_name: dict[str, Message] = {}
-    initial = None
     for m in replies:
         name = str(m.content[CLIENT]["name"])
         if name in by_name:
@@ -111,21 +130,12 @@ def _describe_own(grid: Grid, node_ids: list[int], cfg: RunConfig, resumed_from:
         count = m.content[METRICS]["num-examples"]
         if not isinstance(count, int) or count < 1:
             raise FedDATError(f"client {name} (node {m.metadata.src_node_id}) reports {count!r} training items")
-        state = record_to_state(m.content[ARRAYS])
-        if by_name and not _same(initial, state):
-            raise FedDATError(f"client {name} starts from another global adapter than the others: every SuperNode "
-                              "must load the same backbone")
-        initial = state
         by_name[name] = m
+    initial = _common_start(replies, lambda m: f"client {m.content[CLIENT]['name']}")
     names = sorted(by_name)
     nodes = {by_name[name].metadata.src_node_id: i for i, name in enumerate(names)}
-    starts = [Message(content=RecordDict({RUN_CONFIG: config_to_record(cfg), CONFIG: ConfigRecord(
-        {"resumed-from": resumed_from, "client-index": index})}), dst_node_id=node, message_type=MessageType.QUERY)
-        for node, index in nodes.items()]
-    replies = list(grid.send_and_receive(starts, timeout=TIMEOUT_S))
-    log_received(out_dir, "start", 0, replies)
-    if (errors := reply_errors(replies)) or len(replies) != len(starts):
-        raise FedDATError("SuperNodes could not start: " + ("; ".join(errors) or "replies missing"))
+    _query(grid, cfg, {node: {"resumed-from": resumed_from, "client-index": index} for node, index in nodes.items()},
+           "start", out_dir, strict=True)
     tasks = {name: json.loads(str(by_name[name].content[CLIENT]["task"])) for name in names}
     counts = {name: int(by_name[name].content[METRICS]["num-examples"]) for name in names}
     return nodes, names, {}, tasks, initial, counts
@@ -173,7 +183,7 @@ def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_s
         nodes, names, label_spaces, tasks, initial, counts = _describe_own(grid, connected, cfg, done, out_dir)
         parse_faults(cfg.fault_injection, names, cfg.rounds)
     else:
-        nodes, names, label_spaces, tasks, initial, counts = _describe(grid, connected, cfg, n, done)
+        nodes, names, label_spaces, tasks, initial, counts = _describe(grid, connected, cfg, n, done, out_dir)
     core = RunCore.open(cfg, names, label_spaces, tasks, out_dir, train_counts=counts)
     if resume is not None:
         check_fits(resume, initial, {})
