@@ -6,9 +6,9 @@
    tokenised tensors, no model), `--epochs` times: epoch 1 decodes every image, later ones read what the
    decoded-image cache (`image_cache_mb`, default 64 MiB) kept. Reports peak RSS (`ru_maxrss`), load seconds and
    samples/s.
-2. At the demo size (the Domain benchmark's first client, 400 training questions) the same for today's in-memory
-   path (what `load_benchmark` builds: every image a float tensor) and for the folder written from the same
-   records, each in its own subprocess, alternating, `--repeats` times (best kept); plus the CPU seconds of
+2. At the demo size (the Domain benchmark's first client, 400 training questions) the same for the in-memory
+   path (`records_split`: every image a float tensor, what runs read before client folders) and for the folder
+   written from the same records, each in its own subprocess, alternating, `--repeats` times (best kept); plus the CPU seconds of
    `Worker.fit` rounds (fedavg-adapter, embedded ViLT, prefix cache on) over each, and folder/in-memory ratios.
 
 Speeds are by CPU time of the measuring process (one torch thread), so that a machine shared with other jobs
@@ -146,14 +146,14 @@ def child(opts) -> dict:
     base = rss_mb()
     t0 = time.perf_counter()
     if opts.path_kind == "memory":
-        from feddat.data.benchmarks import ClientData, _to_split, client_records, label_space
+        from feddat.data.benchmarks import ClientData, records_split, client_records, label_space
         from feddat.data.sizes import Sizes
 
-        # what load_benchmark builds, for this one client only (it would build all five)
+        # the in-memory reference (records_split), for this one client only
         name, splits = next(iter(client_records("domain", opts.seed, Sizes(*opts.demo), Path(opts.path)).items()))
         answers = label_space(splits["train"].task, splits["train"])
         lookup = {a: i for i, a in enumerate(answers)}
-        client = ClientData(name, answers, *(_to_split(splits[s], tok, 12, lookup) for s in ("train", "val", "test")))
+        client = ClientData(name, answers, *(records_split(splits[s], tok, 12, lookup) for s in ("train", "val", "test")))
         del splits
     else:
         client = load_client_folder(opts.path, tok, 12, 48, opts.seed, cache_dir=opts.hf_cache,

@@ -29,12 +29,19 @@ def tiny_backbone_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One cache for the tests' runs: the benchmarks' client folders are keyed by what decides their content,
+    so runs of the same tiny benchmark read the folders the first one wrote."""
+    return tmp_path_factory.mktemp("shared-cache")
+
+
 @pytest.fixture()
-def tiny_config(tiny_backbone_dir, tmp_path):
+def tiny_config(tiny_backbone_dir, shared_cache):
     from feddat.config import RunConfig
 
     def make(**overrides):
-        values = dict(model_path=str(tiny_backbone_dir), cache_dir=str(tmp_path / "cache"), rounds=2,
+        values = dict(model_path=str(tiny_backbone_dir), cache_dir=str(shared_cache), rounds=2,
                       train_per_client=32, val_per_client=8, test_per_client=32, batch_size=16, threads=1,
                       reduction=4)  # hidden 32 / 4: bottleneck 8 (the default 16 would leave 2)
         values.update(overrides)

@@ -357,13 +357,14 @@ def test_the_flower_engine_runs_a_new_benchmark(tiny_config):
 def test_a_client_whose_data_leave_a_split_empty_is_named(monkeypatch, tmp_path):
     """Real data too small for the validation split: a one-line error naming the client and the fix, not an
     IndexError from the tokenizer."""
-    from feddat.data import benchmarks
+    from feddat.data import benchmarks, clients
     from feddat.data.sizes import Sizes
     from feddat.errors import FedDATError
 
     recs = benchmarks.client_records("domain", 0, Sizes(8, 4, 8), tmp_path)
     first = next(iter(recs))
     recs[first]["val"].questions = []  # what a too-small real dataset leaves for the split
-    monkeypatch.setattr(benchmarks, "client_records", lambda *a, **k: recs)
+    monkeypatch.setattr(clients, "client_records", lambda *a, **k: recs)
     with pytest.raises(FedDATError, match=f"client {first} has no val questions.*--val-per-client"):
-        benchmarks.load_benchmark("domain", 0, Sizes(8, 4, 8), None, 12, tmp_path)
+        clients.load_benchmark("domain", 0, Sizes(8, 4, 8), None, 12, tmp_path)
+    assert not (tmp_path / "clients").exists() or not any((tmp_path / "clients").iterdir())  # nothing half-written

@@ -13,9 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from feddat.data.benchmarks import load_benchmark
-from feddat.data.folders import (FolderClient, check_unique_names, export_benchmark, export_client,
-                                 load_client_folder, load_clients, load_clients_dir, parse_columns)
+from feddat.data.benchmarks import ClientData, client_records, label_space, records_split
+from feddat.data.clients import export_benchmark
+from feddat.data.folders import (FolderClient, check_unique_names, export_client, load_client_folder, load_clients,
+                                 load_clients_dir, parse_columns)
 from feddat.data.lazy import ImageTable, LazyPixels, LazySplit
 from feddat.data.pool import pixel_tensor
 from feddat.data.questions import WORDS
@@ -72,6 +73,17 @@ def split_client(root: Path, n_train=24, n_val=6, n_test=8, **kw) -> Path:
     return root
 
 
+def memory_clients(benchmark: str, sizes: Sizes, tok, cache) -> list[ClientData]:
+    """The benchmark's clients held in memory, every image a tensor (`records_split`): the reference."""
+    out = []
+    for name, splits in client_records(benchmark, 0, sizes, cache).items():
+        answers = label_space(splits["train"].task, splits["train"])
+        lookup = {a: i for i, a in enumerate(answers)}
+        out.append(ClientData(name, answers, *(records_split(splits[s], tok, TEXT_LEN, lookup)
+                                               for s in ("train", "val", "test")), task=splits["train"].task))
+    return out
+
+
 def load(path, tok, hf_cache, **kw) -> FolderClient:
     return load_client_folder(path, tok, TEXT_LEN, SIZE, 0, cache_dir=hf_cache, **kw)
 
@@ -103,7 +115,7 @@ def test_an_exported_benchmark_reads_back_as_load_benchmark_builds_it(benchmark,
     pixel values of every batch equal the in-memory path's."""
     sizes = Sizes(16, 8, 16)
     cache = tmp_path / "cache"
-    mem = load_benchmark(benchmark, 0, sizes, tok, TEXT_LEN, cache_dir=cache)
+    mem = memory_clients(benchmark, sizes, tok, cache)
     folders = export_benchmark(benchmark, 0, sizes, tmp_path / "clients", cache_dir=cache)
     assert [p.name for p in folders] == [c.name for c in mem]
     assert not [p for p in (tmp_path / "clients").iterdir() if p.name.startswith(".")]  # no temporary folders left
@@ -348,7 +360,7 @@ def test_a_folder_client_trains_and_scores_as_the_in_memory_one(tiny_backbone_di
 
     _, tokenizer = load_backbone(tiny_backbone_dir)
     sizes = Sizes(24, 8, 16)
-    mem = load_benchmark("task", 0, sizes, tokenizer, TEXT_LEN, cache_dir=tmp_path / "cache")
+    mem = memory_clients("task", sizes, tokenizer, tmp_path / "cache")
     export_benchmark("task", 0, sizes, tmp_path / "clients", cache_dir=tmp_path / "cache")
     results = []
     for clients in (mem, load_clients_dir(tmp_path / "clients", tokenizer, TEXT_LEN, SIZE, 0, cache_dir=hf_cache)):

@@ -39,6 +39,26 @@ def test_nodes_size_the_federation_and_name_no_client():
     assert cfg.max_train_examples > 10 ** 9  # the nodes' own counts are not capped by a benchmark's size
 
 
+def test_a_resume_needs_every_node_to_keep_its_state_on_disk(tmp_path):
+    """SuperNodes may set client-state-dir in their own node config: whether a run can go on is what they
+    report, and a node that kept its state in memory is named."""
+    import torch
+
+    from feddat.federation.checkpoint import Checkpoint
+    from feddat.federation.flower.server_app import check_resumable
+
+    cfg = RunConfig(nodes=2, rounds=3).validate()
+    ck = Checkpoint(tmp_path, 1, cfg.to_dict(), None, {}, {}, torch.zeros(1), {"rounds": []})
+    check_resumable(cfg, ck, {})                             # before the nodes answer: only the round is checked
+    check_resumable(cfg, ck, {"a": True, "b": True})
+    with pytest.raises(FedDATError, match=r"client\(s\) b keep their private state in memory.*client-state-dir"):
+        check_resumable(cfg, ck, {"a": True, "b": False})
+    with pytest.raises(FedDATError, match="client-state-dir unset"):  # a simulation: its run config decides
+        check_resumable(cfg, ck)
+    with pytest.raises(FedDATError, match="the run is complete"):
+        check_resumable(cfg, Checkpoint(tmp_path, 3, cfg.to_dict(), None, {}, {}, torch.zeros(1), {}), {})
+
+
 def test_nodes_need_supernodes(tmp_path):
     from feddat.federation.flower.server_app import run_flower
     from feddat.federation.inprocess import run
@@ -103,7 +123,7 @@ def test_a_federation_of_nodes_with_their_own_folders(tiny_config, tmp_path, cap
     held only the global adapter's arrays and numbers; each model was saved on its node's disk and nowhere else,
     and re-scores there."""
     from feddat.cli import main
-    from feddat.federation.checkpoint import load_checkpoint
+    from feddat.federation.checkpoint import complete_checkpoints, load_checkpoint
     from feddat.federation.deploy.deployment import Deployment
     from feddat.federation.inprocess import run
 
@@ -144,7 +164,7 @@ def test_a_federation_of_nodes_with_their_own_folders(tiny_config, tmp_path, cap
         assert set(records.get("arrays", {}).get("arrays", {})) in (set(), shared), x  # the global adapter only
         assert set(records["metrics"]["metrics"].values()) <= {"int", "float"}, x   # numbers, no lists
         if x["stage"] == "describe":
-            assert set(records["metrics"]["metrics"]) == {"num-examples"}
+            assert set(records["metrics"]["metrics"]) == {"num-examples", "keeps-state"}
             assert records["client"] == {"config": {"name": "str", "task": "str"}}
         else:
             assert "client" not in records, x
@@ -164,4 +184,14 @@ def test_a_federation_of_nodes_with_their_own_folders(tiny_config, tmp_path, cap
                  "--quiet"]) == 0
     again = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert again["final"]["clients"]["night"] == pytest.approx(got["final"]["clients"]["night"], abs=TOL)
+
+    # the server died after the last round: resumed from round 1's checkpoint (each node reads its private state
+    # of round 1 from its own client-state dir), the run ends with the same numbers
+    ckpts = complete_checkpoints(d.out)
+    assert [p.name for p in ckpts] == ["round-0001", "round-0002"]
+    shutil.rmtree(ckpts[-1])
+    with Deployment(work, client_data=folders, echo=None) as d:
+        resumed = d.run({**_run_config(cfg), "resume-dir": str(d.out)}, timeout=900)
+    assert resumed["rounds"][0] == got["rounds"][0]  # round 1 from the checkpoint's history
+    assert close(resumed["final"]["clients"], got["final"]["clients"], TOL)
     print(f"deployment of nodes with their own data: {time.time() - t0:.0f} s")

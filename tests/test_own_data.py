@@ -123,3 +123,23 @@ def test_a_partition_of_your_folders(folders, tiny_backbone_dir, tmp_path):
     assert main(["eval", "--run", str(out), "--out", str(tmp_path / "eval"), "--quiet"]) == 0
     again = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert again["final"]["clients"] == pytest.approx(results["final"]["clients"], abs=1e-6)
+
+
+@pytest.mark.integration
+def test_compare_and_tune_on_your_folders_with_client_sampling(folders, tiny_backbone_dir, tmp_path):
+    """`feddat compare` and `feddat tune` take --clients-dir as `run` does; --clients-per-round samples among the
+    folders' clients (each round's trained clients in the run's history)."""
+    flags = [*_flags(tiny_backbone_dir, tmp_path), "--clients-dir", str(folders), "--clients-per-round", "2"]
+    out = tmp_path / "compare"
+    assert main(["compare", "--methods", "feddat,fedavg-adapter", "--seeds", "0", "--out", str(out), *flags]) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert {m: row["status"] for m, row in table["methods"].items()} == {"feddat": "ok", "fedavg-adapter": "ok"}
+    for m in ("feddat", "fedavg-adapter"):
+        results = json.loads((out / m / "seed0" / "results.json").read_text())
+        assert results["clients"] == ["blurry", "clipart", "night", "sketch", "textured"]
+        assert results["config"]["clients_dir"] == str(folders)
+        assert all(len(r["train"]) == 2 for r in results["rounds"])
+    tuned = tmp_path / "tune"
+    assert main(["tune", "--method", "fedavg-adapter", "--grid", "lr_adapter=0.001,0.01", "--out", str(tuned), *flags]) == 0
+    search = json.loads((tuned / "tune.json").read_text())["methods"]["fedavg-adapter"]
+    assert [s["status"] for s in search["settings"]] == ["ok", "ok"] and search["best"]["lr_adapter"] in (0.001, 0.01)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from feddat.cli import main
+from feddat.errors import FedDATError
 from feddat.federation.inprocess import run
 
 
@@ -79,13 +80,26 @@ def test_cli_errors_are_one_line_with_exit_code_2(flags, message, tmp_path, caps
 
 
 def test_unreadable_cache_is_reported(tiny_config, tmp_path, capsys):
-    cfg = tiny_config()
-    run(cfg, progress=False)
+    """The generator's records and the client folders written from them: damage to either names the file and
+    says to delete it; deleted, they are written again and the run's numbers are the same."""
+    import shutil
     from pathlib import Path
 
+    cfg = tiny_config(cache_dir=str(tmp_path / "own-cache"))
+    first = run(cfg, progress=False)["final"]
+    (folders,) = (Path(cfg.cache_dir) / "clients").iterdir()
+    (folders / "clients.json").write_text("{")
+    with pytest.raises(FedDATError, match="damaged.*delete that folder"):
+        run(cfg, progress=False)
+    shutil.rmtree(folders)
+    assert run(cfg, progress=False)["final"] == first
+    (folders / "clipart" / "test" / "metadata.jsonl").write_text("not json\n")
+    with pytest.raises(FedDATError, match=f"clipart.*delete {folders} and they will be written again"):
+        run(cfg, progress=False)
+    shutil.rmtree(folders)
     (cache,) = Path(cfg.cache_dir).glob("*.npz")
     cache.write_bytes(b"not a zip file")
-    with pytest.raises(Exception, match="unreadable.*delete it"):
+    with pytest.raises(FedDATError, match="unreadable.*delete it"):
         run(cfg, progress=False)
 
 

@@ -146,7 +146,7 @@ def test_task_run_reports_each_clients_task_metric_and_head(task_run):
 
 def test_task_clients_are_scored_by_their_own_loss(task_run):
     """The VQA client's labels are soft scores (BCE, VQA score), the others' class indices (cross-entropy)."""
-    from feddat.data.benchmarks import load_benchmark
+    from feddat.data.clients import load_benchmark
     from feddat.data.sizes import Sizes
 
     cfg, root, _ = task_run

@@ -424,12 +424,12 @@ def _export(args, sizes, cache: Path) -> int:
     """`feddat data --export DIR`: the benchmark (generated, or the paper's datasets in --data-dir) as one client
     folder per client, in the format `feddat run --clients-dir` reads (feddat.data.folders)."""
     from feddat.data.benchmarks import RealData
-    from feddat.data.folders import export_benchmark
+    from feddat.data.clients import export_benchmark
 
     real = RealData(args.data_dir, args.image_size, args.skip_bad_records) if args.data_dir else None
     with _log_to_stderr():
         folders = export_benchmark(args.benchmark, args.seed, sizes, Path(args.export), cache, real=real,
-                                   overwrite=args.force)
+                                   overwrite=args.force, progress=True)
     print(f"wrote {len(folders)} client folders under {args.export}: {', '.join(p.name for p in folders)}\n"
           f"train on them with: feddat run --clients-dir {args.export} --out runs/own")
     return 0

@@ -302,7 +302,8 @@ def evaluate_run(run_dir: str | Path, clients: Sequence[str] | None = None, mode
     results-like dict (config, clients, label_spaces, tasks, final, wall_seconds, run_dir, data)."""
     from feddat.algorithms.registry import get_method
     from feddat.config import RunConfig
-    from feddat.data.benchmarks import RealData, load_benchmark
+    from feddat.data.benchmarks import RealData
+    from feddat.data.clients import load_benchmark
     from feddat.eval.results import History
     from feddat.federation.inprocess import default_cache_dir
     from feddat.federation.rounds import finish_history, reported_views

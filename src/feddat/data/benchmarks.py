@@ -1,7 +1,8 @@
 """Federated benchmarks over the generated world: which clients exist and what data each holds.
 
-A benchmark is a list of client specs; `load_benchmark` generates (or reads from the cache) every
-client's train/val/test records deterministically from a seed, then tokenises them for a backbone.
+A benchmark is a list of client specs; `client_records` generates (or reads from the cache) every client's
+train/val/test records deterministically from a seed, or reads the paper's datasets (feddat.data.real). Runs
+read them as client folders (feddat.data.clients).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from feddat.data.function import function_clients
-from feddat.data.partition import partition_records, shared_answers
+from feddat.data.partition import partition_records
 from feddat.data.pool import ENTAILMENT_LABELS, PAIR_LABELS, HeadSpec, Records, generate, pixel_tensor, tokenize
 from feddat.data.questions import QTYPES
 from feddat.data.real import load_real_benchmark
@@ -328,7 +329,9 @@ def soft_scores(annotators: list[str], lookup: dict[str, int]) -> torch.Tensor:
     return row
 
 
-def _to_split(r: Records, tokenizer, text_len: int, lookup: dict[str, int]) -> Split:
+def records_split(r: Records, tokenizer, text_len: int, lookup: dict[str, int]) -> Split:
+    """One split's records held in memory, every image a tensor: the reference that client folders (what runs
+    read, feddat.data.clients) are checked against in the tests and bench/folder_memory.py."""
     index2 = None if r.image_index2 is None else torch.as_tensor(r.image_index2)
     if r.task == "choice":
         if r.candidates is None or len(r.candidates) != len(r.questions):
@@ -348,29 +351,3 @@ def _to_split(r: Records, tokenizer, text_len: int, lookup: dict[str, int]) -> S
     return Split(ids, mask, pixel_tensor(r.images), torch.as_tensor(r.image_index), labels, np.asarray(r.qtypes),
                  list(r.questions), np.asarray(r.shifted, dtype=bool), np.asarray(r.synonym, dtype=bool), index2,
                  [list(c) for c in r.candidates] if r.task == "choice" else None)
-
-
-def load_benchmark(benchmark: str, seed: int, sizes: Sizes, tokenizer, text_len: int,
-                   cache_dir: Path | None = None, partition=None, real: RealData | None = None,
-                   label_spaces: dict[str, list[str]] | None = None) -> list[ClientData]:
-    """Every client's tokenised splits. A client's label space is the answers seen in its train split (of a
-    partitioned benchmark: in every client's train split), or the one `label_spaces` gives (scoring a saved
-    model on other data); questions with other answers keep label -1 (no soft score) and count as wrong."""
-    recs = client_records(benchmark, seed, sizes, cache_dir, partition, real)
-    shared = None
-    if partition is not None:
-        shared = shared_answers(recs)
-    clients = []
-    for name, splits in recs.items():
-        empty = [s for s in ("train", "val", "test") if len(splits[s]) == 0]
-        if empty:  # training, model selection and scoring each need their split
-            flag = {"train": "train", "val": "val", "test": "test"}[empty[0]]
-            raise FedDATError(f"client {name} has no {empty[0]} questions: its data give too few records for "
-                              f"{sizes.train}/{sizes.val}/{sizes.test} train/val/test per client; lower "
-                              f"--{flag}-per-client (and the others) or give it more data")
-        task = splits["train"].task
-        answers = (label_spaces or {}).get(name) or label_space(task, splits["train"], shared)
-        lookup = {a: i for i, a in enumerate(answers)}
-        clients.append(ClientData(name, answers, *(_to_split(splits[s], tokenizer, text_len, lookup)
-                                                   for s in ("train", "val", "test")), task=task))
-    return clients

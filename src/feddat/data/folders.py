@@ -33,7 +33,9 @@ The format (docs in this docstring; `export_client` writes it)::
 
   One task per client: `client.json`'s "task", else the `task` column, else inferred from the columns
   (file_name_2: pair; candidates: choice; every training answer one of the entailment labels: entailment;
-  otherwise vqa). client.json may also carry "columns", a mapping as the `columns` argument.
+  otherwise vqa). client.json may also carry "columns", a mapping as the `columns` argument, and (VQA)
+  "answers", the client's label space as a list (default: its training answers; answers outside it count as
+  wrong), which is how a partitioned benchmark's clients share one.
 
 Any dataset `datasets` can load works too: a `save_to_disk` folder (Dataset or DatasetDict, `load_from_disk`),
 a folder of parquet files or one parquet file, with a column mapping from this format's names to the dataset's,
@@ -71,10 +73,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from feddat.data.benchmarks import CHOICE_LABELS, ClientData, RealData, client_records, label_space, soft_scores
+from feddat.data.benchmarks import CHOICE_LABELS, ClientData, label_space, soft_scores
 from feddat.data.lazy import DEFAULT_CACHE_MB, IMAGE_ERRORS, ImageTable, LazyPixels, LazySplit, check_image
 from feddat.data.pool import ENTAILMENT_LABELS, PAIR_LABELS, TASKS, Records, tokenize
-from feddat.data.sizes import Sizes
 from feddat.errors import FedDATError
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ class FolderReport:
     bad_images: int = 0                                 # distinct images that did not decode (skip_bad)
     first_problem: str = ""                             # the first skipped row's problem
     unknown_answers: dict[str, int] = field(default_factory=dict)  # per split: answers outside the label space
+    answers_from: str = "train"                         # the label space: train | client.json | given
+    fixed_answers: list[str] | None = None              # client.json's label space
 
     def summary(self) -> str:
         parts = [f"{self.path}: {self.task} ({self.task_from})",
@@ -737,9 +740,18 @@ def _read_client_json(path: Path) -> dict:
         raise FedDATError(f"{file}: task {info['task']!r} is not one of {', '.join(TASKS)}")
     if "columns" in info and not isinstance(info["columns"], dict):
         raise FedDATError(f"{file}: columns must be an object, e.g. {{\"question\": \"q\"}}")
-    unknown = set(info) - {"task", "columns", "source", "description", "name"}
+    answers = info.get("answers")
+    if answers is not None and (not isinstance(answers, list) or not answers
+                                or not all(isinstance(a, str) and a.strip() for a in answers)
+                                or len(set(answers)) != len(answers)):
+        raise FedDATError(f"{file}: answers must be a list of distinct non-empty strings, e.g. "
+                          "[\"yes\", \"no\", \"2\"] (or leave it out: the training answers)")
+    if answers is not None and info.get("task", "vqa") != "vqa":
+        raise FedDATError(f"{file}: answers sets a VQA client's label space; a {info['task']} client's labels are "
+                          "fixed by its task: leave answers out")
+    unknown = set(info) - {"task", "columns", "source", "description", "name", "answers"}
     if unknown:
-        log.warning("%s: ignoring unknown keys %s (known: task, columns, source, description)", file,
+        log.warning("%s: ignoring unknown keys %s (known: task, columns, answers, source, description)", file,
                     ", ".join(sorted(unknown)))
     return info
 
@@ -858,6 +870,12 @@ def _parse_folder(path: Path, hub_id: str | None, name: str, columns, skip_bad: 
     used = {s: _resolve_columns(src, mapping) for s, src in sources.items()}
     task, task_from = _task(sources, used, info, path)
     report = FolderReport(str(hub_id or path), task, task_from)
+    if info.get("answers") is not None:
+        if task != "vqa":
+            raise FedDATError(f"{path / CLIENT_FILE}: answers sets a VQA client's label space; this client holds "
+                              f"{task} items, whose labels are fixed by the task: leave answers out")
+        report.answers_from = "client.json"
+        report.fixed_answers = list(info["answers"])
     for s, src in sources.items():
         for key in REQUIRED[task]:
             if key not in used[s]:
@@ -878,8 +896,8 @@ def _parse_folder(path: Path, hub_id: str | None, name: str, columns, skip_bad: 
 
 def load_client_folder(path, tokenizer, text_len: int, image_size: int, seed: int,
                        columns: dict[str, str] | None = None, skip_bad: bool = False, *, name: str | None = None,
-                       cache_dir=None, check_images: bool = True,
-                       image_cache_mb: int = DEFAULT_CACHE_MB) -> FolderClient:
+                       cache_dir=None, check_images: bool = True, image_cache_mb: int = DEFAULT_CACHE_MB,
+                       answers: list[str] | None = None, report_unknown: bool = True) -> FolderClient:
     """One client from a folder in this module's format (or any dataset `datasets` loads), ready for a Worker.
 
     `columns` maps this format's column names to the source's (`COLUMNS`; file_name/file_name_2 for
@@ -888,6 +906,8 @@ def load_client_folder(path, tokenizer, text_len: int, image_size: int, seed: in
     splits share it in proportion to their items: a client whose images fit decodes each once). `check_images` opens
     every image once at load (so that a bad one is found now, or skipped with `skip_bad`). `name` defaults to
     the folder's name; `cache_dir` is where `datasets` keeps its Arrow files (default: its own cache).
+    `answers` fixes the label space (a saved model's, to score it on this folder), over client.json's "answers"
+    and the training answers; `report_unknown` logs the validation/test answers outside it (one line per split).
     Returns a `FolderClient` (a ClientData) whose `report` says what loading found."""
     hub_id = str(path) if looks_like_hub_id(path) else None
     path = Path(path)
@@ -927,7 +947,12 @@ def load_client_folder(path, tokenizer, text_len: int, image_size: int, seed: in
         warnings.warn(f"client {name}: only {len(train)} training items ({train.source.file}); a client needs at "
                       f"least {MIN_TRAIN} or so to learn anything; add items or merge it with another client",
                       stacklevel=2)
-    answers = label_space(task, SimpleNamespace(answers=train.answers, candidates=train.candidates))
+    if answers is not None:
+        answers, report.answers_from = list(answers), "given"
+    elif report.fixed_answers is not None:
+        answers = report.fixed_answers
+    else:
+        answers = label_space(task, SimpleNamespace(answers=train.answers, candidates=train.candidates))
     lookup = {a: i for i, a in enumerate(answers)}
     soft = task == "vqa" and train.annotators is not None and any(a for a in train.annotators)
     splits = {}
@@ -939,7 +964,7 @@ def load_client_folder(path, tokenizer, text_len: int, image_size: int, seed: in
                                                               image_size, budget)
     for s in ("validation", "test"):
         n = report.unknown_answers[s]
-        if n:
+        if n and report_unknown:
             log.warning("client %s: %d of %d %s answers are not among its training answers (%s); they keep label -1 "
                         "and count as wrong", name, n, len(parsed[s]), s, parsed[s].source.file)
     log.info("client %s: %s", name, report.summary())
@@ -1112,10 +1137,10 @@ def _split_rows(r: Records, folder: Path) -> list[dict]:
 
 
 def export_client(records: dict[str, Records], out_dir, name: str, overwrite: bool = False,
-                  source: dict | None = None) -> Path:
+                  source: dict | None = None, answers: list[str] | None = None) -> Path:
     """Write one client's records ({"train"|"val"|"test": Records}) as `out_dir/name/` in this module's format:
     train/, validation/, test/ with PNG images and metadata.jsonl, and client.json ({"task": ...}, plus
-    `source` when given). Written to a temporary folder beside it, then renamed into place; an existing folder
+    `source` when given, and `answers`: a VQA client's fixed label space). Written to a temporary folder beside it, then renamed into place; an existing folder
     is an error unless `overwrite`. Returns the client's folder."""
     _check_name(name, "export")
     missing = [s for s in _SPLIT_OF_RECORDS if s not in records]
@@ -1142,6 +1167,8 @@ def export_client(records: dict[str, Records], out_dir, name: str, overwrite: bo
                 for row in rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
         meta = {"task": tasks.pop()}
+        if answers is not None:
+            meta["answers"] = list(answers)
         if source:
             meta["source"] = source
         (tmp / CLIENT_FILE).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
@@ -1156,13 +1183,3 @@ def export_client(records: dict[str, Records], out_dir, name: str, overwrite: bo
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def export_benchmark(benchmark: str, seed: int, sizes: Sizes, out_dir, cache_dir=None, partition=None,
-                     real: RealData | None = None, overwrite: bool = False) -> list[Path]:
-    """Every client of a benchmark (`client_records`: generated, or the paper's datasets with `real`) written
-    with `export_client` as `out_dir/<client>/`; returns the folders in the benchmark's client order."""
-    recs = client_records(benchmark, seed, sizes, None if cache_dir is None else Path(cache_dir), partition, real)
-    source = {"benchmark": benchmark, "seed": seed, "sizes": [sizes.train, sizes.val, sizes.test],
-              "real": real is not None}
-    return [export_client(splits, out_dir, name, overwrite, source) for name, splits in recs.items()]

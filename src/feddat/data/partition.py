@@ -8,7 +8,7 @@ pool, `answer`, `source`: the client it came from), so `flwr_datasets.partitione
 - `dirichlet`: `DirichletPartitioner` by answer with concentration `alpha` (small alpha: skewed label mixes);
 - `pathological`: `PathologicalPartitioner` by answer, `classes` answers per client.
 
-(`natural`, the benchmark's own clients, one per source, takes none of this: `load_benchmark` is unchanged.)
+(`natural`, the benchmark's own clients, one per source, takes none of this.)
 
 Each partition is then shuffled and split into train/val/test in the proportions of the benchmark's sizes
 (train-per-client : val-per-client : test-per-client), each split at least one record. All partition clients

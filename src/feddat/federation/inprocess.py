@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from feddat.algorithms.registry import get_method
 from feddat.config import RunConfig
-from feddat.data.benchmarks import RealData, load_benchmark
+from feddat.data.benchmarks import RealData
+from feddat.data.clients import load_benchmark
 from feddat.data.folders import load_named_folders, load_partitioned_folders, parse_columns
 from feddat.errors import FedDATError
 from feddat.eval.tracking import open_tracker
@@ -44,7 +45,8 @@ def build(cfg: RunConfig) -> Setup:
         clients = load_own_data(cfg, tokenizer, text_len, int(backbone.config.image_size), cache / "datasets")
     else:
         clients = load_benchmark(cfg.benchmark, cfg.seed, cfg.sizes, tokenizer, text_len, cache,
-                                 partition=cfg.partition_spec, real=real_data(cfg, backbone))[:len(cfg.client_names())]
+                                 partition=cfg.partition_spec, real=real_data(cfg, backbone),
+                                 clients=len(cfg.client_names()))
     worker = Worker(get_method(cfg.method, cfg.to_dict()), backbone, cfg.reduction, cfg.local, cfg.device)
     return Setup(cfg, clients, worker)
 

@@ -184,22 +184,25 @@ client_app = ClientApp()
 @client_app.query()
 def describe(msg: Message, context: Context) -> Message:
     """The run's start. A node serving a client of the server's config: its index, name, label space and task,
-    the starting global adapter (its store set up). A node with its own data, first query: its name, training
-    count, task kind and the starting global adapter; second query (with the index the server gave it): its
+    the starting global adapter, whether it keeps its private states on disk (its store set up). A node with its own data, first query: its name, training
+    count, task kind, the starting global adapter and whether it keeps its states on disk; second query (with the index the server gave it): its
     store set up."""
     s = _served(msg, context)
     c = s.client
+    store = _store(s, context)
+    keeps = int(store is not None and store.resumable)  # its private states on disk: a run can be resumed
     if s.own_data:
         if s.index is None:
             log.info("serving client %s from %s", c.name, s.cfg.client_folders()[0][1])
             return _reply(msg, state_to_record(s.setup.worker.initial_global(s.cfg.seed)),
-                          {"num-examples": len(c.train)}, name=c.name, task=json.dumps(c.describe()))
+                          {"num-examples": len(c.train), "keeps-state": keeps}, name=c.name,
+                          task=json.dumps(c.describe()))
         _start_store(msg, context, s)
         return _reply(msg, None, {"client-index": s.index})
     _start_store(msg, context, s)
     return _reply(msg, state_to_record(s.setup.worker.initial_global(s.cfg.seed)),
-                  {"client-index": s.index, "num-examples": len(c.train)}, name=c.name, answers=list(c.answers),
-                  task=json.dumps(c.describe()))
+                  {"client-index": s.index, "num-examples": len(c.train), "keeps-state": keeps}, name=c.name,
+                  answers=list(c.answers), task=json.dumps(c.describe()))
 
 
 @client_app.train(mods=[secure_aggregation_mod])

@@ -96,7 +96,7 @@ def _describe(grid: Grid, node_ids: list[int], cfg: RunConfig, n: int, resumed_f
     (and, with client-state-dir, have it set its saved states up for a new or resumed run)."""
     replies = _query(grid, cfg, {node: {"resumed-from": resumed_from} for node in node_ids}, "describe", out_dir)
     initial = _common_start(replies, lambda m: f"client {int(m.content[METRICS]['client-index'])}")
-    nodes, names, answers, tasks, counts = {}, [None] * n, [None] * n, [None] * n, {}
+    nodes, names, answers, tasks, counts, keeps = {}, [None] * n, [None] * n, [None] * n, {}, {}
     for m in replies:
         if m.has_error():
             continue
@@ -108,11 +108,13 @@ def _describe(grid: Grid, node_ids: list[int], cfg: RunConfig, n: int, resumed_f
         answers[index] = list(m.content[CLIENT]["answers"])
         tasks[index] = json.loads(str(m.content[CLIENT]["task"]))
         counts[names[index]] = int(m.content[METRICS]["num-examples"])
+        keeps[names[index]] = bool(m.content[METRICS].get("keeps-state", 0))
     missing = [i for i in range(n) if i not in nodes.values()]
     if missing:
         raise FedDATError(f"no SuperNode serves client(s) {missing}: "
                           + ("; ".join(reply_errors(replies)) or "no reply"))
-    return nodes, names, dict(zip(names, answers)), dict(zip(names, tasks)), initial, {c: counts[c] for c in names}
+    return (nodes, names, dict(zip(names, answers)), dict(zip(names, tasks)), initial, {c: counts[c] for c in names},
+            keeps)
 
 
 def _describe_own(grid: Grid, node_ids: list[int], cfg: RunConfig, resumed_from: int = 0, out_dir: Path | None = None):
@@ -138,15 +140,24 @@ def _describe_own(grid: Grid, node_ids: list[int], cfg: RunConfig, resumed_from:
            "start", out_dir, strict=True)
     tasks = {name: json.loads(str(by_name[name].content[CLIENT]["task"])) for name in names}
     counts = {name: int(by_name[name].content[METRICS]["num-examples"]) for name in names}
-    return nodes, names, {}, tasks, initial, counts
+    keeps = {name: bool(by_name[name].content[METRICS].get("keeps-state", 0)) for name in names}
+    return nodes, names, {}, tasks, initial, counts, keeps
 
 
-def check_resumable(cfg: RunConfig, resume: Checkpoint) -> None:
-    if not cfg.client_state_dir:
-        raise FedDATError("this Flower run kept its clients' private state in memory or in temporary files only "
-                          "(client-state-dir unset): it cannot be resumed")
+def check_resumable(cfg: RunConfig, resume: Checkpoint, keeps: dict[str, bool] | None = None) -> None:
+    """A run can go on from `resume` unless it is complete or some client kept its private state in memory or
+    in temporary files: by the run config (a simulation's nodes use it) or, on SuperNodes, whose node config
+    may set client-state-dir, by what they reported (`keeps`: client -> states on disk)."""
     if resume.round >= cfg.rounds:
         raise FedDATError(f"{resume.path} is the checkpoint of the last round: the run is complete")
+    lost = [name for name, kept in (keeps or {}).items() if not kept]
+    if keeps is None and not cfg.client_state_dir:
+        raise FedDATError("this Flower run kept its clients' private state in memory or in temporary files only "
+                          "(client-state-dir unset): it cannot be resumed")
+    if lost:
+        raise FedDATError(f"client(s) {', '.join(lost)} keep their private state in memory or in temporary files "
+                          "only (client-state-dir unset on their SuperNode): the run cannot be resumed; start "
+                          "their SuperNodes with the client-state-dir of the interrupted run")
 
 
 def serve(grid: Grid, cfg: RunConfig, out_dir: Path | None = None, progress: bool = True,
@@ -176,14 +187,17 @@ def _serve(grid: Grid, cfg: RunConfig, out_dir: Path | None, progress: bool, t_s
     method = get_method(cfg.method, cfg.to_dict())
     n = cfg.n_clients
     if resume is not None:
-        check_resumable(cfg, resume)
+        check_resumable(cfg, resume, {})
     done = resume.round if resume is not None else 0
     connected = _wait_for_nodes(grid, n, bool(cfg.nodes))
     if cfg.nodes:  # the clients are the nodes, with what they report of themselves
-        nodes, names, label_spaces, tasks, initial, counts = _describe_own(grid, connected, cfg, done, out_dir)
+        nodes, names, label_spaces, tasks, initial, counts, keeps = _describe_own(grid, connected, cfg, done,
+                                                                                  out_dir)
         parse_faults(cfg.fault_injection, names, cfg.rounds)
     else:
-        nodes, names, label_spaces, tasks, initial, counts = _describe(grid, connected, cfg, n, done, out_dir)
+        nodes, names, label_spaces, tasks, initial, counts, keeps = _describe(grid, connected, cfg, n, done, out_dir)
+    if resume is not None:
+        check_resumable(cfg, resume, keeps)
     core = RunCore.open(cfg, names, label_spaces, tasks, out_dir, train_counts=counts)
     if resume is not None:
         check_fits(resume, initial, {})
