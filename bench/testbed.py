@@ -5,7 +5,7 @@
         --methods feddat,fedavg-adapter,fedavg-adapter-2x,local-adapter,head-only
 
 Prints and writes, per benchmark, the comparison table of `feddat compare` (runs/testbed/<benchmark>/
-table.md|json, compare.png: the same code, feddat.eval.sweep and feddat.eval.tables) and a
+table.md|json, compare.png: the same code, feddat.experiments.sweep and feddat.experiments.tables) and a
 breakdown by question kind (new words: the shared skill; words with client-specific meanings), averaged
 over clients and seeds, to runs/testbed/<benchmark>/summary.md. Finished runs are reused when restarted.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from feddat.config import RunConfig
 from feddat.config import parse_pairs
-from feddat.eval.sweep import parse_seeds, resolve_methods, run_comparison
+from feddat.experiments.sweep import parse_seeds, resolve_methods, run_comparison
 from feddat.eval.results import mean_and_se
 
 

@@ -97,7 +97,7 @@ def test_mkd_losses_per_sub_step(parts):
 
 
 def test_one_way_probes_are_not_in_methods_all():
-    from feddat.eval.sweep import resolve_methods
+    from feddat.experiments.sweep import resolve_methods
 
     assert "feddat-kd-student" not in resolve_methods("all") and "feddat-nomkd" in resolve_methods("all")
     assert resolve_methods("feddat-kd-student,feddat-kd-teacher") == ["feddat-kd-student", "feddat-kd-teacher"]

@@ -17,8 +17,8 @@ from feddat.algorithms.registry import METHODS
 from feddat.cli import main
 from feddat.config import RunConfig
 from feddat.errors import FedDATError
-from feddat.eval.sweep import resolve_methods, run_comparison
-from feddat.eval.tune import parse_grid, run_tune
+from feddat.experiments.sweep import resolve_methods, run_comparison
+from feddat.experiments.tune import parse_grid, run_tune
 
 TINY = dict(rounds=2, train_per_client=32, val_per_client=8, test_per_client=32, batch_size=16, threads=1,
             reduction=4)
@@ -346,7 +346,7 @@ def test_parallel_jobs_give_the_sequential_table(base, compared, tmp_path):
 
 def test_table_of_many_clients_summarises_them():
     """Past CLIENT_COLUMNS_UP_TO clients, table.md gives the median and 10th-percentile client, not 100 columns."""
-    from feddat.eval.tables import CLIENT_COLUMNS_UP_TO, markdown_table
+    from feddat.experiments.tables import CLIENT_COLUMNS_UP_TO, markdown_table
 
     def table(n):
         clients = [f"part-{i:02d}" for i in range(n)]

@@ -317,7 +317,7 @@ def _comparison_base(args, command: str):
 
 
 def cmd_compare(args) -> int:
-    from feddat.eval.sweep import parse_seeds, resolve_methods, run_comparison
+    from feddat.experiments.sweep import parse_seeds, resolve_methods, run_comparison
 
     base = _comparison_base(args, "compare")
     methods, seeds, out = resolve_methods(args.methods), parse_seeds(args.seeds), Path(args.out)
@@ -330,8 +330,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from feddat.eval.sweep import parse_seeds, resolve_methods
-    from feddat.eval.tune import parse_grid, run_tune
+    from feddat.experiments.sweep import parse_seeds, resolve_methods
+    from feddat.experiments.tune import parse_grid, run_tune
 
     if (args.methods is None) == (args.method is None):
         raise FedDATError("feddat tune needs --method M or --methods m1,m2,... (one of them)")

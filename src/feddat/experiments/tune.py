@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from feddat.config import RunConfig, parse_value
 from feddat.errors import FedDATError
-from feddat.eval.sweep import NOT_FROM_GRID, Runner, run_comparison
+from feddat.experiments.sweep import NOT_FROM_GRID, Runner, run_comparison
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[Any]]:

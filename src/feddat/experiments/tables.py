@@ -1,5 +1,5 @@
 """A comparison's results as the paper tabulates them: read from the runs' results.json (one per method and
-seed, feddat.eval.sweep) into
+seed, feddat.experiments.sweep) into
 
 - DIR/table.json: per method the per-client and average final test scores as mean, standard deviation and
   standard error over seeds, the validation average, trainable and communicated parameters, bytes sent per

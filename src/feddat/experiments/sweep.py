@@ -4,7 +4,7 @@
 a finished run (results.json) is reused, an interrupted one goes on from its last checkpoint, so a
 comparison started again resumes where it stopped. With `jobs` > 1 the runs go in a pool of processes. A run
 that fails does not stop the others: its row says why, and the comparison ends in an error once the table is
-written (feddat.eval.tables: table.json, table.md and compare.png).
+written (feddat.experiments.tables: table.json, table.md and compare.png).
 
 A method that cannot run with the given settings (its config is refused) is not skipped silently: its row
 says why.
@@ -22,7 +22,7 @@ from typing import Any, Callable
 from feddat.algorithms.registry import METHODS
 from feddat.config import RunConfig
 from feddat.errors import FedDATError
-from feddat.eval.tables import summarise, write_table
+from feddat.experiments.tables import summarise, write_table
 from feddat.federation.checkpoint import RESUME_MAY_CHANGE, complete_checkpoints, load_checkpoint
 from feddat.federation.inprocess import run
 
