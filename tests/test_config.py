@@ -28,6 +28,14 @@ def test_every_option_of_every_subcommand_says_what_it_does():
     assert not missing, missing
 
 
+def test_version_is_the_installed_packages(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stop:
+        parser().parse_args(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"feddat {version('feddat')}"
+
+
 def test_switches_are_flags_and_choices_are_listed():
     args = parser().parse_args(["run", "--fused", "--no-compile", "--method", "ditto-adapter"])
     assert args.fused is True and args.compile is False and args.method == "ditto-adapter"

@@ -176,6 +176,7 @@ def test_a_federation_of_nodes_with_their_own_folders(tiny_config, tmp_path, cap
     assert not (d.out / "clients").exists()
     for i, (name, folder) in enumerate(zip(names, folders)):
         node_out = work / "nodes" / str(i) / "out"
+        assert f"serving client {name} from {folder}" in (work / "logs" / f"supernode-{i}.log").read_text()
         assert [p.name for p in (node_out / "clients").iterdir()] == [name]
         mine = json.loads((node_out / "results.json").read_text())
         assert mine["config"]["client_data"] == f"{name}={folder}"    # the only data it was given

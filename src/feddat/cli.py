@@ -524,7 +524,10 @@ def parser() -> argparse.ArgumentParser:
     from feddat.data.benchmarks import BENCHMARKS, sizes_help
     from feddat.models.backbone import BACKBONES
 
+    from feddat import __version__
+
     p = argparse.ArgumentParser(prog="feddat", description=__doc__)
+    p.add_argument("--version", action="version", version=f"feddat {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run one federated training job and score every client")

@@ -108,6 +108,16 @@ class Served:
         return bool(self.cfg.nodes)
 
 
+def _show_our_log() -> None:
+    """A SuperNode prints Flower's log only: a node with its own data also prints ours (the folder it serves,
+    what it read and skipped) through Flower's console handler, for the party that runs it."""
+    ours, flwr = logging.getLogger("feddat"), logging.getLogger("flwr")
+    if not ours.handlers and flwr.handlers:
+        for handler in flwr.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+
+
 def _served(msg: Message, context: Context) -> Served:
     values = dict(msg.content[RUN_CONFIG])
     for key, v in context.node_config.items():
@@ -115,6 +125,8 @@ def _served(msg: Message, context: Context) -> Served:
             values.update(normalise({key: v}))
     cfg, _ = config_from_values(values)
     cfg = node_data_config(cfg, context.node_config)
+    if cfg.nodes:
+        _show_our_log()
     setup = get_setup(cfg)
     if cfg.nodes:
         given = msg.content[CONFIG].get("client-index") if CONFIG in msg.content else None
