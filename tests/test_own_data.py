@@ -57,6 +57,7 @@ def test_clients_one_by_one_and_their_names(folders, tiny_backbone_dir, tmp_path
     (["--client", "a=X", "--client", "a=Y"], "two clients are named 'a'"),
     (["--client", "noequals"], "is not NAME=PATH"),
     (["--clients-dir", "DIR", "--data-dir", "DIR"], "cannot go with data-dir"),
+    (["--clients-dir", "DIR", "--client", "a=DIR/clipart"], "clients-dir cannot go with client: give the clients"),
     (["--clients-dir", "DIR", "--partition", "iid"], "partition iid needs num-clients >= 1"),
     (["--clients-dir", "DIR", "--nodes", "2"], "drop clients-dir"),
     (["--clients-dir", "DIR/none"], "does not exist"),

@@ -137,11 +137,12 @@ class DataConfig:
         check(isinstance(self.client_data, str) and isinstance(self.columns, str), "client_data",
               "NAME=PATH pairs separated by commas", self.client_data)
         if self.own_data:
-            given = [what for what, on in (("data-dir", self.data_dir),) if on]
             if self.clients_dir and self.client_data:
-                given.append("client (give the clients as one folder of folders, or one by one)")
-            if given:
-                raise FedDATError("your own client folders (clients-dir, client) cannot go with " + "; ".join(given))
+                raise FedDATError("clients-dir cannot go with client: give the clients as one folder of folders "
+                                  "(clients-dir) or one by one (client NAME=PATH, repeated)")
+            if self.data_dir:
+                raise FedDATError("your own client folders (clients-dir, client) cannot go with data-dir, which "
+                                  "reads the paper's datasets for a benchmark")
             parse_columns(self.columns)
         check(is_count(self.nodes) and self.nodes >= 0, "nodes", "a non-negative integer (0 = off)", self.nodes)
         if self.nodes:
