@@ -30,16 +30,16 @@ def tok():
 
 
 def test_a_benchmark_run_is_a_run_on_its_exported_folders(tiny_config, tmp_path):
-    """`feddat run --benchmark domain` and a run on the folders `feddat data --export` writes, given in the
-    benchmark's order (a client's position seeds it): the same numbers, round by round."""
+    """`feddat run --benchmark domain` and `feddat run --clients-dir` on the folders `feddat data --export` writes
+    (its clients.json numbers them in the benchmark's order; a client's position seeds it): the same numbers,
+    round by round."""
     cfg = tiny_config()
     export = tmp_path / "export"
     assert main(["data", "--benchmark", "domain", "--export", str(export), "--cache-dir", str(tmp_path / "c"),
                  "--train-per-client", str(cfg.train_per_client), "--val-per-client", str(cfg.val_per_client),
                  "--test-per-client", str(cfg.test_per_client)]) == 0
     bench = run(cfg, progress=False)
-    pairs = ",".join(f"{name}={export / name}" for name in bench["clients"])
-    own = run(tiny_config(client_data=pairs), progress=False)
+    own = run(tiny_config(clients_dir=str(export)), progress=False)
     assert own["clients"] == bench["clients"] and own["label_spaces"] == bench["label_spaces"]
     assert own["train_counts"] == bench["train_counts"]
     strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
@@ -161,3 +161,21 @@ def test_client_json_answers_are_for_vqa_clients_only(tok, tmp_path):
     path = _folder(tmp_path / "c", {"task": "entailment", "answers": ["yes"]})
     with pytest.raises(FedDATError, match="answers sets a VQA client's label space"):
         load_client_folder(path, tok, 12, 48, 0, cache_dir=tmp_path / "hf")
+
+
+def test_a_clients_json_orders_the_folders_it_lists_first(tmp_path):
+    from feddat.data.folders import client_dirs, write_order
+
+    for name in ("b", "a", "c", "d"):
+        (tmp_path / name).mkdir()
+    assert [n for n, _ in client_dirs(tmp_path)] == ["a", "b", "c", "d"]  # no clients.json: by name
+    write_order(tmp_path, ["c", "a", "gone"])
+    write_order(tmp_path, ["a", "b"])                                        # an export into the same folder adds
+    assert json.loads((tmp_path / "clients.json").read_text()) == ["c", "a", "gone", "b"]
+    assert [n for n, _ in client_dirs(tmp_path)] == ["c", "a", "b", "d"]  # listed first, the rest by name
+    (tmp_path / "clients.json").write_text('{"c": 1}')
+    with pytest.raises(FedDATError, match=r"clients.json is not a list of client folder names.*delete it"):
+        client_dirs(tmp_path)
+    (tmp_path / "clients.json").write_text("[c, a")
+    with pytest.raises(FedDATError, match=r"clients.json is unreadable"):
+        client_dirs(tmp_path)

@@ -30,7 +30,7 @@ def test_run_on_a_folder_of_client_folders(folders, tiny_backbone_dir, tmp_path,
     assert main(["run", "--clients-dir", str(folders), "--out", str(out), "--engine", engine,
                  *_flags(tiny_backbone_dir, tmp_path)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["clients"] == ["blurry", "clipart", "night", "sketch", "textured"]  # folder names, sorted
+    assert results["clients"] == ["clipart", "textured", "night", "sketch", "blurry"]  # the export's clients.json
     assert set(results["final"]["clients"]) == set(results["clients"])
     assert f"on {folders}" in capsys.readouterr().out
     if engine == "inprocess":  # the saved models re-score as the run scored them, from the same folders
@@ -78,7 +78,7 @@ def test_describe_client_folders(folders, tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["data", "--clients-dir", str(folders), "--out", str(out), "--cache-dir", str(tmp_path / "c")]) == 0
     stats = json.loads((out / "stats.json").read_text())
-    assert list(stats["clients"]) == ["blurry", "clipart", "night", "sketch", "textured"]
+    assert list(stats["clients"]) == ["clipart", "textured", "night", "sketch", "blurry"]  # as clients.json lists
     for name, c in stats["clients"].items():
         assert c["sizes"] == {"train": 32, "val": 8, "test": 32} and c["task"] == "vqa"
         assert sum(c["answers"].values()) == sum(c["qtypes"].values()) == 72
@@ -137,7 +137,7 @@ def test_compare_and_tune_on_your_folders_with_client_sampling(folders, tiny_bac
     assert {m: row["status"] for m, row in table["methods"].items()} == {"feddat": "ok", "fedavg-adapter": "ok"}
     for m in ("feddat", "fedavg-adapter"):
         results = json.loads((out / m / "seed0" / "results.json").read_text())
-        assert results["clients"] == ["blurry", "clipart", "night", "sketch", "textured"]
+        assert results["clients"] == ["clipart", "textured", "night", "sketch", "blurry"]
         assert results["config"]["clients_dir"] == str(folders)
         assert all(len(r["train"]) == 2 for r in results["rounds"])
     tuned = tmp_path / "tune"

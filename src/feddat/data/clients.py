@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from feddat.data.benchmarks import BENCHMARKS, CACHE_VERSION, RealData, client_records
-from feddat.data.folders import FolderClient, export_client, load_named_folders
+from feddat.data.folders import ORDER_FILE, FolderClient, export_client, load_named_folders, write_order
 from feddat.data.partition import shared_answers
 from feddat.data.sizes import Sizes
 from feddat.data.world import IMAGE_SIZE
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 FOLDERS_VERSION = 1   # bump when what export_benchmark writes changes
 FINGERPRINT_DEPTH = 3  # how deep below a real-data directory files are watched for changes
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"}  # not stat'ed one by one
-ORDER_FILE = "clients.json"  # the benchmark's client order (folder names sort otherwise)
 
 
 def check_splits(recs: dict[str, dict], sizes: Sizes) -> None:
@@ -59,9 +58,11 @@ def export_benchmark(benchmark: str, seed: int, sizes: Sizes, out_dir, cache_dir
         source["partition"] = asdict(partition)
     from tqdm import tqdm
 
-    return [export_client(splits, out_dir, name, overwrite, source, shared)
-            for name, splits in tqdm(recs.items(), desc=f"writing {benchmark} clients", unit="client",
-                                     disable=not progress, leave=False)]
+    written = [export_client(splits, out_dir, name, overwrite, source, shared)
+               for name, splits in tqdm(recs.items(), desc=f"writing {benchmark} clients", unit="client",
+                                        disable=not progress, leave=False)]
+    write_order(Path(out_dir), (p.name for p in written))  # --clients-dir numbers them as the benchmark does
+    return written
 
 
 def fingerprint(data_dir: Path, depth: int = FINGERPRINT_DEPTH) -> str:
@@ -117,9 +118,8 @@ def benchmark_folders(benchmark: str, seed: int, sizes: Sizes, cache_dir, partit
         tmp = root / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            written = export_benchmark(benchmark, seed, sizes, tmp, cache_dir, partition, real,
-                                       progress=real is not None and real.progress)
-            (tmp / ORDER_FILE).write_text(json.dumps([p.name for p in written]) + "\n")
+            export_benchmark(benchmark, seed, sizes, tmp, cache_dir, partition, real,
+                             progress=real is not None and real.progress)
             try:
                 os.rename(tmp, final)
             except OSError:

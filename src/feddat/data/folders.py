@@ -1005,8 +1005,36 @@ def check_unique_names(pairs: Iterable[str]) -> list[tuple[str, Path]]:
     return out
 
 
+ORDER_FILE = "clients.json"  # in a folder of client folders: the order its clients are numbered (and seeded) in
+
+
+def read_order(root: Path) -> list[str]:
+    """The client names `root/clients.json` lists ([] without one)."""
+    path = Path(root) / ORDER_FILE
+    if not path.is_file():
+        return []
+    try:
+        order = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FedDATError(f"{path} is unreadable ({e}); it lists the client folders in their order, e.g. "
+                          '["clinic-a", "clinic-b"]: fix it or delete it (then folders sort by name)') from None
+    if not isinstance(order, list) or not all(isinstance(n, str) and n for n in order):
+        raise FedDATError(f"{path} is not a list of client folder names, e.g. [\"clinic-a\", \"clinic-b\"]: "
+                          "fix it or delete it (then folders sort by name)")
+    return order
+
+
+def write_order(root: Path, names: Iterable[str]) -> None:
+    """Add `names` to `root/clients.json`, after the names already listed there."""
+    order = read_order(root)
+    order += [n for n in names if n not in order]
+    (Path(root) / ORDER_FILE).write_text(json.dumps(order) + "\n")
+
+
 def client_dirs(root) -> list[tuple[str, Path]]:
-    """(name, folder) for every client folder under `root` (hidden folders left out), names checked unique."""
+    """(name, folder) for every client folder under `root` (hidden folders left out), names checked unique: those
+    `root/clients.json` lists first, in its order (an exported benchmark's clients in the benchmark's order, so
+    they train to its numbers), then the others sorted by name."""
     root = Path(root)
     if not root.is_dir():
         raise FedDATError(f"clients folder {root} does not exist")
@@ -1016,6 +1044,8 @@ def client_dirs(root) -> list[tuple[str, Path]]:
     subs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not subs:
         raise FedDATError(f"{root} has no client folders; put one folder per client in it")
+    rank = {name: i for i, name in enumerate(read_order(root))}
+    subs.sort(key=lambda d: (rank.get(d.name, len(rank)), d.name))
     return check_unique_names(f"{d.name}={d}" for d in subs)
 
 
