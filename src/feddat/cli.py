@@ -521,10 +521,9 @@ def cmd_deploy(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from feddat import __version__
     from feddat.data.benchmarks import BENCHMARKS, sizes_help
     from feddat.models.backbone import BACKBONES
-
-    from feddat import __version__
 
     p = argparse.ArgumentParser(prog="feddat", description=__doc__)
     p.add_argument("--version", action="version", version=f"feddat {__version__}")

@@ -21,7 +21,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from feddat.data.benchmarks import BENCHMARKS, CACHE_VERSION, RealData, client_records
-from feddat.data.folders import ORDER_FILE, FolderClient, export_client, load_named_folders, write_order
+from feddat.data.folders import (ORDER_FILE, FolderClient, export_client, load_named_folders, read_order,
+                                 write_order)
 from feddat.data.partition import shared_answers
 from feddat.data.sizes import Sizes
 from feddat.data.world import IMAGE_SIZE
@@ -128,8 +129,10 @@ def benchmark_folders(benchmark: str, seed: int, sizes: Sizes, cache_dir, partit
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     try:
-        order = json.loads((final / ORDER_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        order = read_order(final)
+        if not order:
+            raise FedDATError(f"{final / ORDER_FILE} is missing")
+    except FedDATError as e:
         raise FedDATError(f"the benchmark's client folders in {final} are damaged ({e}); delete that folder and "
                           "it will be written again") from e
     return [(name, final / name) for name in order]
